@@ -1,0 +1,86 @@
+"""Typed configuration: dataclass defaults <- `config=FILE.yaml` <- dotted CLI overrides.
+
+Every error is a `ConfigError` whose message is one line starting with the offending key, so a
+misspelt key, a wrong type or an invalid value stops the run before any work is done.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message is one line, `key: what is wrong`."""
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(getattr(err, "msg", None) or err).splitlines()[0].strip()
+    return f"{key}: {msg}" if key else msg
+
+
+def load_config(cls: type[T], argv: list[str]) -> Any:
+    """Merge the structured defaults of `cls`, an optional `config=FILE`, and `key=value` items."""
+    files = [a.split("=", 1)[1] for a in argv if a.startswith("config=")]
+    dotlist = [a for a in argv if not a.startswith("config=")]
+    if len(files) > 1:
+        raise ConfigError("config: given more than once")
+    for item in dotlist:
+        if "=" not in item:
+            raise ConfigError(f"{item}: expected key=value")
+    layers = [OmegaConf.structured(cls)]
+    try:
+        if files:
+            path = Path(files[0])
+            if not path.is_file():
+                raise ConfigError(f"config: no such file {path}")
+            layers.append(OmegaConf.load(path))
+        layers.append(OmegaConf.from_dotlist(dotlist))
+        return OmegaConf.merge(*layers)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    except Exception as err:  # YAML syntax errors and the like
+        if isinstance(err, ConfigError):
+            raise
+        name = files[0] if files else "config"
+        raise ConfigError(f"{name}: {str(err).splitlines()[0]}") from None
+
+
+def parse_args(cls: type[T], argv: list[str]) -> T:
+    """Return a `cls` instance built from defaults, `config=FILE.yaml` and dotted overrides."""
+    cfg = load_config(cls, argv)
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def to_yaml(args: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(args))
+
+
+def to_dict(args: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(args), resolve=True)  # type: ignore[return-value]
+
+
+def dump_config(args: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config (what actually ran) next to the run's outputs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(to_yaml(args))
+    tmp.replace(path)
+
+
+def check(cond: bool, key: str, msg: str) -> None:
+    """Raise a one-line `ConfigError` naming `key` unless `cond` holds."""
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+

@@ -1,0 +1,143 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): sharded model + optimizer, plus per-rank state.
+
+Layout: `<dir>/<step:010d>/` holds the DCP files of {"model", "optim"}, one `rank<r>.pt` per rank
+(step, scheduler, data-loader state, RNG states) and `MANIFEST.json`, written last, naming every
+file with its size. A checkpoint is written into `.tmp-<step>` and renamed only when complete, so a
+crash at any moment leaves the previous checkpoint intact; a directory without a valid manifest is
+never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from lingua_wd.args import check
+
+log = logging.getLogger(__name__)
+MANIFEST = "MANIFEST.json"
+
+
+@dataclass
+class CheckpointArgs:
+    every: int = 1000  # save every N steps (0: only at the end and on preemption)
+    keep: int = 2  # keep the last K checkpoints (older ones are deleted)
+    dir: str = ""  # where checkpoints go ("" = <dump_dir>/checkpoints)
+
+
+def check_checkpoint_args(args: CheckpointArgs) -> None:
+    check(args.every >= 0, "checkpoint.every", f"must be >= 0, got {args.every}")
+    check(args.keep >= 1, "checkpoint.keep", f"must be >= 1, got {args.keep}")
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"{step:010d}"
+
+
+def is_complete(path: Path) -> bool:
+    """True when the manifest exists and every file it names is there with its recorded size."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        return all((path / f).stat().st_size == size for f, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under root, oldest first; incomplete ones are skipped with a warning."""
+    if not root.is_dir():
+        return []
+    out = []
+    for p in sorted(root.iterdir()):
+        if not (p.is_dir() and p.name.isdigit()):
+            continue
+        if is_complete(p):
+            out.append(p)
+        else:
+            log.warning("skipping incomplete checkpoint %s (no valid %s)", p, MANIFEST)
+    return out
+
+
+def latest(root: Path) -> Optional[Path]:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def save(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rank_state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    final, tmp = step_dir(root, step), root / f".tmp-{step:010d}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    _atomic_torch_save(rank_state, tmp / f"rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        files = {f.name: f.stat().st_size for f in tmp.iterdir()}
+        _atomic_write(tmp / MANIFEST, json.dumps({"step": step, "world_size": world, "files": files}, indent=1))
+        if final.exists():  # a stale directory of the same step (e.g. from a run that was rolled back)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Load model and optimizer in place; return every saved rank's state (index = saved rank)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    manifest = json.loads((path / MANIFEST).read_text())
+    return [torch.load(path / f"rank{r}.pt", weights_only=False) for r in range(manifest["world_size"])]
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(".part")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".part")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

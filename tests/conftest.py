@@ -1,0 +1,71 @@
+"""Shared test helpers: tiny configs, subprocess launches of the real trainer, metrics readers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "apps" / "train.py")
+
+# a model small enough for a CPU test: 2 blocks, d=64, byte vocab
+TINY = [
+    "model.dim=64", "model.n_layers=2", "model.head_dim=32",
+    "data.seq_len=32", "data.batch_size=8", "data.micro_batch_size=2",
+    "eval_batches=2", "optim.lr=3e-3", "logging.wandb_mode=disabled",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    e.pop("RANK", None), e.pop("WORLD_SIZE", None), e.pop("LOCAL_RANK", None), e.pop("MASTER_PORT", None)
+    return e
+
+
+def train_cmd(argv: list[str], nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, TRAIN, *argv]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", TRAIN, *argv]
+
+
+def run_train(argv: list[str], nproc: int = 1, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(argv, nproc), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_metrics(dump_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(dump_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(dump_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(dump_dir) if "loss" in r}
+
+
+@pytest.fixture
+def tiny() -> list[str]:
+    return list(TINY)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,88 @@
+"""Config merge order, overrides, and the one-line errors that stop a run before any work."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT, TRAIN, env
+from lingua_wd.args import ConfigError, parse_args
+from lingua_wd.train import TrainArgs, resolve_and_check
+
+
+def parse(argv, world=1):
+    args = parse_args(TrainArgs, argv)
+    resolve_and_check(args, world)
+    return args
+
+
+def test_defaults_then_file_then_cli(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("steps: 7\nmodel:\n  dim: 256\n  n_layers: 3\noptim:\n  lr: 1.0e-3\n")
+    args = parse([f"config={cfg}", "optim.lr=5e-4", "model.head_dim=64"])
+    assert args.steps == 7 and args.model.n_layers == 3  # from the file
+    assert args.optim.lr == 5e-4 and args.model.head_dim == 64  # CLI wins over the file
+    assert args.optim.beta2 == 0.95  # dataclass default untouched
+    assert args.model.vocab_size == 258 and args.model.max_seq_len == args.data.seq_len  # derived
+
+
+@pytest.mark.parametrize(
+    "argv, key",
+    [
+        (["model.dimm=3"], "model.dimm"),  # unknown key
+        (["optim.lr=fast"], "optim.lr"),  # wrong type
+        (["model.dim=200"], "model.dim"),  # not divisible by head_dim=128
+        (["optim.lr=0"], "optim.lr"),
+        (["optim.lr=-1e-3"], "optim.lr"),
+        (["steps=10", "schedule.warmup_steps=11"], "schedule.warmup_steps"),
+        (["data.batch_size=10", "data.micro_batch_size=4"], "data.batch_size"),
+        (["model.n_kv_heads=3", "model.dim=512"], "model.n_kv_heads"),
+        (["data.sources={/nonexistent/dir: 1.0}"], "data.sources"),
+        (["nokey"], "nokey"),
+    ],
+)
+def test_errors_name_the_key(argv, key):
+    with pytest.raises(ConfigError) as err:
+        args = parse(argv)
+        from lingua_wd.data import TrainLoader, build_tokenizer
+
+        TrainLoader(args.data, build_tokenizer(args.data.tokenizer), 0, 1)
+    msg = str(err.value)
+    assert msg.startswith(key), msg
+    assert "\n" not in msg
+
+
+def test_batch_must_divide_by_ranks():
+    parse(["data.batch_size=16", "data.micro_batch_size=4"], world=4)
+    with pytest.raises(ConfigError, match=r"^data\.batch_size"):
+        parse(["data.batch_size=16", "data.micro_batch_size=4"], world=3)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="^config: no such file"):
+        parse(["config=/nonexistent.yaml"])
+
+
+def test_cli_prints_one_line_and_writes_nothing(tmp_path):
+    dump = tmp_path / "run"
+    proc = subprocess.run([sys.executable, TRAIN, f"dump_dir={dump}", "optim.lr=-1"], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["config error: optim.lr: must be positive, got -1.0"]
+    assert not dump.exists()
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from lingua_wd.args import dump_config
+
+    args = parse(["model.dim=256", "optim.lr=2e-3"])
+    dump_config(args, tmp_path / "config.yaml")
+    again = parse([f"config={tmp_path / 'config.yaml'}"])
+    assert again == args
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]["dim"] == 256
+
+
+@pytest.mark.parametrize("name", ["debug.yaml", "base.yaml"])
+def test_shipped_configs_parse(name):
+    parse([f"config={ROOT / 'configs' / name}"])

@@ -1,0 +1,142 @@
+"""End-to-end trainer runs in subprocesses: the demo, 2-rank FSDP2 on gloo, kill -9 and resume, rotation."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, env, losses, read_metrics, run_train, train_cmd
+from lingua_wd.checkpoint import MANIFEST, list_checkpoints
+
+
+def test_demo_run_writes_config_metrics_checkpoint(tmp_path, tiny):
+    dump = tmp_path / "run"
+    run_train(["config=configs/debug.yaml", f"dump_dir={dump}", *tiny, "steps=30", "log_freq=1", "eval_freq=15"])
+    cfg = yaml.safe_load((dump / "config.yaml").read_text())
+    assert cfg["steps"] == 30 and cfg["model"]["dim"] == 64 and cfg["model"]["vocab_size"] == 258
+    recs = read_metrics(dump)
+    loss = losses(dump)
+    assert sorted(loss) == list(range(1, 31))
+    assert sum(list(loss.values())[-5:]) / 5 < 0.7 * sum(list(loss.values())[:3]) / 3  # it learns
+    assert [r["step"] for r in recs if "val/loss" in r] == [15, 30]
+    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in recs if "loss" in r)
+    ckpts = list_checkpoints(dump / "checkpoints")
+    assert [p.name for p in ckpts][-1] == f"{30:010d}"
+    done = json.loads((dump / "DONE").read_text())
+    assert done["step"] == 30 and done["val_loss"] > 0
+
+
+def test_two_rank_fsdp_loss_falls(tmp_path, tiny):
+    dump = tmp_path / "fsdp"
+    proc = run_train([f"dump_dir={dump}", *tiny, "steps=40", "log_freq=10", "checkpoint.every=0"], nproc=2)
+    loss = losses(dump)
+    assert loss[40] < 0.7 * loss[10], loss
+    assert "2 ranks on cpu" in proc.stdout + proc.stderr
+    assert len(list((dump / "checkpoints" / f"{40:010d}").glob("rank*.pt"))) == 2
+
+
+def _launch(argv, nproc=1):
+    return subprocess.Popen(train_cmd(argv, nproc), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_checkpoint(root: Path, proc, min_step: int, timeout=180):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        done = [int(p.name) for p in list_checkpoints(root)]
+        if done and max(done) >= min_step:
+            return
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def _wait_for_step(dump: Path, proc, step: int, timeout=180):
+    t0 = time.time()
+    while not (dump / "metrics.jsonl").exists() or max(losses(dump), default=0) < step:
+        assert time.time() - t0 < timeout and proc.poll() is None
+        time.sleep(0.05)
+
+
+def test_kill9_and_resume_is_bitwise_identical(tmp_path, tiny):
+    common = [*tiny, "steps=24", "log_freq=1", "checkpoint.every=3", "checkpoint.keep=2", "eval_freq=0"]
+    ref = tmp_path / "ref"
+    run_train([f"dump_dir={ref}", *common])
+    dump = tmp_path / "killed"
+    proc = _launch([f"dump_dir={dump}", *common])
+    _wait_for_checkpoint(dump / "checkpoints", proc, 6)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(losses(dump))
+    assert killed_at < 24
+    run_train([f"dump_dir={dump}", *common])
+    assert losses(dump) == losses(ref)  # bitwise: floats compared exactly
+    assert [r["step"] for r in read_metrics(dump) if "loss" in r] == list(range(1, 25))  # no duplicated lines
+
+
+def test_sigterm_on_two_ranks_saves_and_resumes_exactly(tmp_path, tiny):
+    common = [*tiny, "steps=30", "log_freq=1", "checkpoint.every=0", "eval_freq=0"]
+    ref = tmp_path / "ref"
+    run_train([f"dump_dir={ref}", *common], nproc=2)
+    dump = tmp_path / "term"
+    proc = _launch([f"dump_dir={dump}", *common], nproc=2)
+    _wait_for_step(dump, proc, 5)
+    os.killpg(proc.pid, signal.SIGTERM)  # as SLURM does: torchrun and both workers get it
+    proc.wait(timeout=120)  # torchrun itself exits non-zero on SIGTERM; the workers exit 75 after saving
+    stopped = int(list_checkpoints(dump / "checkpoints")[-1].name)
+    assert 5 <= stopped < 30
+    run_train([f"dump_dir={dump}", *common], nproc=2)
+    assert losses(dump) == losses(ref)
+
+
+def test_sigterm_single_process_exits_75(tmp_path, tiny):
+    dump = tmp_path / "one"
+    proc = _launch([f"dump_dir={dump}", *tiny, "steps=2000", "log_freq=1", "checkpoint.every=0", "eval_freq=0"])
+    _wait_for_step(dump, proc, 3)
+    os.killpg(proc.pid, signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 75
+    assert 3 <= int(list_checkpoints(dump / "checkpoints")[-1].name) < 2000
+    assert not (dump / "DONE").exists()
+
+
+def test_rotation_keeps_last_k_and_skips_incomplete(tmp_path, tiny):
+    dump = tmp_path / "rot"
+    run_train([f"dump_dir={dump}", *tiny, "steps=10", "checkpoint.every=2", "checkpoint.keep=2", "eval_freq=0"])
+    root = dump / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [f"{8:010d}", f"{10:010d}"]
+    # a later checkpoint whose manifest is missing (a crash mid-write) is never picked
+    broken = root / f"{12:010d}"
+    broken.mkdir()
+    (broken / "junk").write_text("x")
+    assert [p.name for p in list_checkpoints(root)] == [f"{8:010d}", f"{10:010d}"]
+    # damage a file of a complete checkpoint: its manifest no longer matches and it is skipped
+    victim = next((root / f"{10:010d}").glob("*.distcp"))
+    victim.write_bytes(victim.read_bytes()[:10])
+    assert [p.name for p in list_checkpoints(root)] == [f"{8:010d}"]
+    assert json.loads((root / f"{8:010d}" / MANIFEST).read_text())["step"] == 8
+
+
+def test_finished_run_is_not_rerun(tmp_path, tiny):
+    dump = tmp_path / "fin"
+    run_train([f"dump_dir={dump}", *tiny, "steps=4", "eval_freq=0"])
+    before = (dump / "metrics.jsonl").read_text()
+    proc = run_train([f"dump_dir={dump}", *tiny, "steps=4", "eval_freq=0"])
+    assert "already complete" in proc.stderr + proc.stdout
+    assert (dump / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_fsdp_compile(tmp_path, tiny):
+    dump = tmp_path / "gpu"
+    run_train([f"dump_dir={dump}", *tiny, "model.dim=256", "model.head_dim=128", "steps=30", "log_freq=10",
+               "distributed.device=cuda", "distributed.compile=true", "distributed.param_dtype=bf16"], timeout=600)
+    recs = [r for r in read_metrics(dump) if "loss" in r]
+    assert recs[-1]["loss"] < 0.8 * recs[0]["loss"]
+    assert recs[-1]["peak_mem_gb"] > 0 and recs[-1]["mfu"] is not None and recs[-1]["mfu"] > 0
+    assert torch.cuda.is_available()
