@@ -83,4 +83,3 @@ def check(cond: bool, key: str, msg: str) -> None:
     """Raise a one-line `ConfigError` naming `key` unless `cond` holds."""
     if not cond:
         raise ConfigError(f"{key}: {msg}")
-

@@ -81,8 +81,14 @@ def save(
     optimizer: torch.optim.Optimizer,
     rank_state: dict[str, Any],
     keep: int,
+    config: str = "",
+    crash_before_manifest: bool = False,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    """Collective: every rank calls it. Returns the final checkpoint directory.
+
+    If any rank fails to write (disk full, I/O error) every rank raises and nothing is renamed:
+    the previous checkpoint stays the latest.
+    """
     rank, world = dist.get_rank(), dist.get_world_size()
     final, tmp = step_dir(root, step), root / f".tmp-{step:010d}"
     if rank == 0:
@@ -91,8 +97,22 @@ def save(
         tmp.mkdir()
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    _atomic_torch_save(rank_state, tmp / f"rank{rank}.pt")
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))  # raises on every rank on failure
+    error = None
+    try:
+        _atomic_torch_save(rank_state, tmp / f"rank{rank}.pt")
+        if rank == 0 and config:
+            _atomic_write(tmp / "config.yaml", config)
+    except OSError as err:
+        error = err
+    failed = torch.tensor([float(error is not None)])
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX) if dist.get_backend() == "gloo" else _all_reduce_max_cuda(failed)
+    if failed.item():
+        raise RuntimeError(
+            f"checkpoint {step} could not be written ({error or 'on another rank'}); the previous checkpoint is kept"
+        ) from error
+    if crash_before_manifest:  # fault injection (guard.crash_in_checkpoint): die with the data written
+        os._exit(137)
     dist.barrier()
     if rank == 0:
         files = {f.name: f.stat().st_size for f in tmp.iterdir()}
@@ -105,6 +125,25 @@ def save(
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def saved_config(path: Path) -> Optional[dict]:
+    """The resolved config the checkpoint was written with (None for checkpoints without one)."""
+    f = path / "config.yaml"
+    if not f.exists():
+        return None
+    import yaml
+
+    cfg = yaml.safe_load(f.read_text())
+    cfg["world_size"] = json.loads((path / MANIFEST).read_text())["world_size"]
+    return cfg
+
+
+def _all_reduce_max_cuda(t: torch.Tensor) -> None:
+    dev = torch.device("cuda", torch.cuda.current_device())
+    g = t.to(dev)
+    dist.all_reduce(g, op=dist.ReduceOp.MAX)
+    t.copy_(g.cpu())
 
 
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:

@@ -32,9 +32,19 @@ class DistributedArgs:
 
 
 def check_distributed_args(args: DistributedArgs) -> None:
-    check(args.param_dtype in DTYPES, "distributed.param_dtype", f"must be one of {sorted(DTYPES)}, got {args.param_dtype!r}")
-    check(args.reduce_dtype in DTYPES, "distributed.reduce_dtype", f"must be one of {sorted(DTYPES)}, got {args.reduce_dtype!r}")
-    check(args.device in ("auto", "cuda", "cpu"), "distributed.device", f"must be auto, cuda or cpu, got {args.device!r}")
+    check(
+        args.param_dtype in DTYPES,
+        "distributed.param_dtype",
+        f"must be one of {sorted(DTYPES)}, got {args.param_dtype!r}",
+    )
+    check(
+        args.reduce_dtype in DTYPES,
+        "distributed.reduce_dtype",
+        f"must be one of {sorted(DTYPES)}, got {args.reduce_dtype!r}",
+    )
+    check(
+        args.device in ("auto", "cuda", "cpu"), "distributed.device", f"must be auto, cuda or cpu, got {args.device!r}"
+    )
     if args.device == "cuda":
         check(torch.cuda.is_available(), "distributed.device", "cuda requested but no CUDA device is available")
 

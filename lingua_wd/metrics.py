@@ -35,7 +35,9 @@ class LoggingArgs:
 
 
 def check_logging_args(args: LoggingArgs) -> None:
-    check(args.wandb_mode in WANDB_MODES, "logging.wandb_mode", f"must be one of {WANDB_MODES}, got {args.wandb_mode!r}")
+    check(
+        args.wandb_mode in WANDB_MODES, "logging.wandb_mode", f"must be one of {WANDB_MODES}, got {args.wandb_mode!r}"
+    )
 
 
 def peak_flops(device: torch.device) -> Optional[float]:

@@ -8,8 +8,9 @@ Parameter names follow Meta's llama code (and the paper's figures), e.g.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,11 @@ class ModelArgs:
 
 def check_model_args(args: ModelArgs) -> None:
     check(args.dim > 0, "model.dim", f"must be positive, got {args.dim}")
-    check(args.head_dim > 0 and args.head_dim % 2 == 0, "model.head_dim", f"must be a positive even number, got {args.head_dim}")
+    check(
+        args.head_dim > 0 and args.head_dim % 2 == 0,
+        "model.head_dim",
+        f"must be a positive even number, got {args.head_dim}",
+    )
     check(args.dim % args.head_dim == 0, "model.dim", f"{args.dim} is not divisible by model.head_dim={args.head_dim}")
     check(args.n_layers > 0, "model.n_layers", f"must be positive, got {args.n_layers}")
     check(args.ffn_mult > 0, "model.ffn_mult", f"must be positive, got {args.ffn_mult}")
@@ -172,7 +177,9 @@ class Transformer(nn.Module):
         and each rank keeps its rows (same values on CPU runs, and on GPU runs, of any world size).
         """
         std_fn = std_fn or (lambda n, p: default_init_std(n, p, self.args.dim))
-        self.rope = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=self.rope.device)
+        self.rope = rope_tables(
+            self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=self.rope.device
+        )
         for i, (name, p) in enumerate(self.named_parameters()):
             dev = p.device
             if name.endswith("norm.weight"):

@@ -10,7 +10,6 @@ import json
 import logging
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lingua_wd import checkpoint as ckpt
-from lingua_wd.args import ConfigError, check, dump_config, parse_args, to_dict
+from lingua_wd.args import ConfigError, check, dump_config, parse_args, to_dict, to_yaml
 from lingua_wd.checkpoint import CheckpointArgs, check_checkpoint_args
 from lingua_wd.data import DataArgs, TrainLoader, build_tokenizer, check_data_args, prepare_data, val_batches
 from lingua_wd.distributed import (
@@ -37,15 +36,25 @@ from lingua_wd.distributed import (
     shutdown,
     world_size_from_env,
 )
-from lingua_wd.metrics import LoggingArgs, MetricLogger, Throughput, check_logging_args, console_line, peak_flops, setup_logging
+from lingua_wd.guard import GuardArgs, SpikeDetector, check_guard_args, inject_nan, optimizer_step, resume_conflicts
+from lingua_wd.metrics import (
+    LoggingArgs,
+    MetricLogger,
+    Throughput,
+    check_logging_args,
+    console_line,
+    peak_flops,
+    setup_logging,
+)
 from lingua_wd.model import ModelArgs, Transformer, check_model_args, count_params, flops_per_token
 from lingua_wd.optim import OptimArgs, build_optimizer, check_optim_args, clip_grad_norm_
-from lingua_wd.probes import ProbeArgs, build_probes
-from lingua_wd.scaling import ScalingArgs, check_scaling_args, init_std_fn
+from lingua_wd.probes import ProbeArgs, build_probes, check_probe_args, match_layers
+from lingua_wd.scaling import ScalingArgs, check_scaling_args, init_std_fn, param_classes
 from lingua_wd.schedule import ScheduleArgs, check_schedule_args
 
 log = logging.getLogger("lingua_wd")
 EXIT_REQUEUE = 75  # stopped by SIGTERM / SIGUSR1 after saving a checkpoint: requeue and resume
+EXIT_DIVERGED = 3  # too many non-finite steps: stopped without saving (the last good checkpoint stays)
 LAST_N = 100  # the paper reports the mean training loss of the last 100 steps
 
 
@@ -67,6 +76,7 @@ class TrainArgs:
     distributed: DistributedArgs = field(default_factory=DistributedArgs)
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
     logging: LoggingArgs = field(default_factory=LoggingArgs)
+    guard: GuardArgs = field(default_factory=GuardArgs)
 
 
 def resolve_and_check(args: TrainArgs, world: int) -> None:
@@ -80,10 +90,16 @@ def resolve_and_check(args: TrainArgs, world: int) -> None:
     vocab = build_tokenizer(args.data.tokenizer).vocab_size
     if args.model.vocab_size == 0:
         args.model.vocab_size = vocab
-    check(args.model.vocab_size >= vocab, "model.vocab_size", f"{args.model.vocab_size} is smaller than the tokenizer's {vocab}")
+    check(
+        args.model.vocab_size >= vocab,
+        "model.vocab_size",
+        f"{args.model.vocab_size} is smaller than the tokenizer's {vocab}",
+    )
     if args.model.max_seq_len == 0:
         args.model.max_seq_len = args.data.seq_len
-    check(args.model.max_seq_len >= args.data.seq_len, "model.max_seq_len", f"must be >= data.seq_len={args.data.seq_len}")
+    check(
+        args.model.max_seq_len >= args.data.seq_len, "model.max_seq_len", f"must be >= data.seq_len={args.data.seq_len}"
+    )
     check_model_args(args.model)
     check_optim_args(args.optim)
     check_schedule_args(args.schedule, args.steps)
@@ -91,7 +107,25 @@ def resolve_and_check(args: TrainArgs, world: int) -> None:
     check_distributed_args(args.distributed)
     check_checkpoint_args(args.checkpoint)
     check_logging_args(args.logging)
+    check_guard_args(args.guard)
+    check_probe_args(args.probes)
+    with torch.device("meta"):  # patterns are checked against the real parameter names, at no cost
+        meta = Transformer(args.model)
+    param_classes(meta, args.scaling)
+    if args.probes.every and args.probes.layers:
+        match_layers(meta, args.probes.layers)
     args.name = args.name or Path(args.dump_dir).name
+
+
+def check_dump_dir(path: Path) -> None:
+    """An unwritable or full dump dir is a clear error at start-up, not a crash at the first checkpoint."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"dump_dir: cannot write to {path} ({err.strerror or err})") from None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -108,27 +142,28 @@ def build_model(args: TrainArgs, env: DistEnv) -> Transformer:
     return model
 
 
-def train_step(model, batch, optimizer, scheduler, n_micro: int, clip: float, probes=None, step: int = 0):
+def train_step(model, batch, optimizer, scheduler, args: TrainArgs, n_micro: int, step: int, probes=None):
     """One optimizer step over this rank's share of the global batch, in n_micro micro-batches.
 
     Each micro-batch loss is divided by n_micro and FSDP averages over ranks, so the gradient is
-    that of the mean loss over the global batch. Returns (loss, grad_norm) as device tensors.
+    that of the mean loss over the global batch. A non-finite gradient norm skips the update.
+    Returns device tensors (loss, grad_norm, skipped) and the probe metrics of a probe step.
     """
     inputs, targets = batch[:, :-1], batch[:, 1:]  # (B_local, T)
     loss_sum = torch.zeros((), device=batch.device)
-    for x, y in zip(inputs.chunk(n_micro), targets.chunk(n_micro)):
-        loss = cross_entropy(model(x), y) / n_micro
+    for x, y in zip(inputs.chunk(n_micro), targets.chunk(n_micro), strict=True):
+        loss = inject_nan(cross_entropy(model(x), y), args.guard, step) / n_micro
         loss.backward()
         loss_sum += loss.detach()
-    grad_norm = clip_grad_norm_(model, clip)
+    grad_norm = clip_grad_norm_(model, args.optim.clip)
     probing = probes is not None and probes.due(step)
     if probing:
         probes.before_step(step, inputs[: inputs.shape[0] // n_micro])
-    optimizer.step()
+    skipped = optimizer_step(optimizer, grad_norm)
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     probe_metrics = probes.after_step(step, optimizer) if probing else {}
-    return loss_sum, grad_norm, probe_metrics
+    return loss_sum, grad_norm, skipped, probe_metrics
 
 
 @torch.no_grad()
@@ -151,7 +186,7 @@ class StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        log.warning("received signal %d: will save a checkpoint and exit after this step", signum)
+        log.warning("received signal %d: will save a checkpoint and exit at the next log step", signum)
         self.raised = True
 
     def agreed(self, device: torch.device) -> bool:
@@ -159,100 +194,212 @@ class StopFlag:
         return bool(all_reduce_max(torch.tensor(float(self.raised), device=device)).item())
 
 
+class Trainer:
+    """Builds everything from TrainArgs, resumes from the dump dir's last checkpoint, runs the loop."""
+
+    def __init__(self, args: TrainArgs, env: DistEnv):
+        self.args, self.env = args, env
+        self.dump_dir = Path(args.dump_dir)
+        self.tokenizer = build_tokenizer(args.data.tokenizer)
+        self.model = build_model(args, env)
+        self.n_micro = args.data.batch_size // (env.world * args.data.micro_batch_size)
+        self.tokens_per_step = args.data.batch_size * args.data.seq_len
+        self.optimizer, self.scheduler = build_optimizer(
+            self.model,
+            args.optim,
+            args.scaling,
+            args.schedule,
+            args.steps,
+            self.tokens_per_step,
+            str(self.dump_dir) if env.is_main else None,
+        )
+        self.loader = TrainLoader(args.data, self.tokenizer, env.rank, env.world)
+        self.val = val_batches(args.data, self.tokenizer, env.rank, env.world, args.eval_batches)
+        self.probes = build_probes(args.probes, self.model, args.scaling)
+        self.logger = MetricLogger(self.dump_dir, args.logging, to_dict(args), args.name, enabled=env.is_main)
+        self.ckpt_root = Path(args.checkpoint.dir or self.dump_dir / "checkpoints")
+        self.spikes = SpikeDetector(args.guard.spike_factor)
+        self.step, self.nonfinite, self.val_loss = 0, 0, None
+        self.recent = torch.zeros(LAST_N, device=env.device)  # last 100 step losses, for DONE
+
+    def config_for_resume(self) -> dict:
+        return {**to_dict(self.args), "world_size": self.env.world}
+
+    def resume(self) -> None:
+        path = ckpt.latest(self.ckpt_root)
+        if path is None:
+            return
+        saved = ckpt.saved_config(path)
+        conflicts = resume_conflicts(saved, self.config_for_resume()) if saved else []
+        if conflicts and not self.args.guard.force_resume:
+            raise ConfigError(
+                f"{conflicts[0].split()[0]}: changed since checkpoint {path.name}: "
+                f"{'; '.join(conflicts)} (set guard.force_resume=true to resume anyway)"
+            )
+        states = ckpt.load(path, self.model, self.optimizer)
+        mine = states[self.env.rank] if len(states) == self.env.world else states[0]
+        self.step, self.nonfinite = mine["step"], mine["nonfinite"]
+        self.recent = mine["recent_losses"].to(self.env.device)
+        self.scheduler.load_state_dict(mine["scheduler"])
+        self.spikes.load_state_dict(mine["spikes"])
+        self.loader.load_states([s["data"] for s in states])
+        set_rng_state(mine["rng"])
+        self.logger.truncate_after(self.step)
+        log.info("resumed from %s at step %d%s", path, self.step, f" (forced: {conflicts})" if conflicts else "")
+
+    def save(self) -> None:
+        state = {
+            "step": self.step,
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.loader.state_dict(),
+            "rng": rng_state(),
+            "recent_losses": self.recent.cpu(),
+            "nonfinite": self.nonfinite,
+            "spikes": self.spikes.state_dict(),
+            "world_size": self.env.world,
+        }
+        crash = self.args.guard.crash_in_checkpoint == self.step
+        path = ckpt.save(
+            self.ckpt_root,
+            self.step,
+            self.model,
+            self.optimizer,
+            state,
+            self.args.checkpoint.keep,
+            config=to_yaml(self.args),
+            crash_before_manifest=crash,
+        )
+        log.info("saved checkpoint %s", path)
+
+    def log(
+        self,
+        step_losses: list[torch.Tensor],
+        grad_norm,
+        skipped: torch.Tensor,
+        lr: float,
+        meter: Throughput,
+        probe_metrics: dict,
+    ) -> None:
+        """One sync per log step: losses, norms and counters come to the host together."""
+        env = self.env
+        host = all_reduce_mean(torch.stack(step_losses)).tolist()
+        counts = all_reduce_sum(torch.stack([skipped, torch.tensor(float(self.loader.skipped), device=env.device)]))
+        skipped_steps, data_skipped = (int(c) for c in counts.tolist())
+        self.nonfinite += skipped_steps
+        first = self.step - len(host) + 1
+        for i, loss in enumerate(host):
+            event = self.spikes.update(first + i, loss)
+            if event:
+                self.logger.log(event)
+                log.warning(
+                    "loss spike at step %d: %.4f (running mean %.4f)", event["step"], loss, event["running_mean"]
+                )
+        record = {
+            "step": self.step,
+            "loss": sum(host) / len(host),
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+            **meter.read(),
+            "data/skipped": data_skipped,
+            "nonfinite_steps": self.nonfinite,
+        }
+        if env.device.type == "cuda":
+            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(env.device) / 1e9
+        record.update(probe_metrics)
+        self.logger.log(record)
+        log.info(console_line(record))
+
+    def evaluate(self) -> None:
+        self.val_loss = evaluate(self.model, self.val, self.env.device)
+        if self.val_loss is not None:
+            self.logger.log({"step": self.step, "val/loss": self.val_loss})
+            log.info("step %6d | val loss %.4f", self.step, self.val_loss)
+
+    def run(self) -> int:
+        args, env = self.args, self.env
+        log.info(
+            "model: %s parameters (%d blocks, dim %d), %d ranks on %s, %d micro-batches per step",
+            f"{count_params(self.model):,}",
+            args.model.n_layers,
+            args.model.dim,
+            env.world,
+            env.device,
+            self.n_micro,
+        )
+        meter = Throughput(flops_per_token(self.model, args.data.seq_len), peak_flops(env.device), env.world)
+        stop, step_losses, skipped = StopFlag(), [], torch.zeros((), device=env.device)
+        while self.step < args.steps:
+            batch = self.loader.next_batch().to(env.device, non_blocking=True)
+            lr = self.optimizer.param_groups[0]["lr"]
+            loss, grad_norm, bad, probe_metrics = train_step(
+                self.model, batch, self.optimizer, self.scheduler, args, self.n_micro, self.step, self.probes
+            )
+            self.recent[self.step % LAST_N] = loss
+            self.step += 1
+            step_losses.append(loss)
+            skipped = skipped + bad
+            meter.add(self.tokens_per_step // env.world)
+            last = self.step == args.steps
+            if self.step % args.log_freq == 0 or last or probe_metrics:
+                self.log(step_losses, grad_norm, skipped, lr, meter, probe_metrics)
+                step_losses, skipped = [], torch.zeros((), device=env.device)
+                if args.guard.max_nonfinite and self.nonfinite >= args.guard.max_nonfinite:
+                    log.error(
+                        "stopping: %d steps had a non-finite loss or gradient norm (guard.max_nonfinite=%d); "
+                        "the last good checkpoint is kept",
+                        self.nonfinite,
+                        args.guard.max_nonfinite,
+                    )
+                    return EXIT_DIVERGED
+                if stop.agreed(env.device):
+                    self.save()
+                    return EXIT_REQUEUE
+            if (args.eval_freq and self.step % args.eval_freq == 0) or last:
+                self.evaluate()
+            if (args.checkpoint.every and self.step % args.checkpoint.every == 0) or last:
+                self.save()
+        if env.is_main:
+            done = {
+                "step": self.step,
+                "train_loss_last": float(self.recent[: min(self.step, LAST_N)].nanmean()),
+                "val_loss": self.val_loss,
+            }
+            (self.dump_dir / "DONE").write_text(json.dumps(done))
+        return 0
+
+    def close(self) -> None:
+        self.logger.close()
+        self.loader.close()
+
+
 def train(args: TrainArgs) -> int:
     env = init_distributed(args.distributed)
     setup_logging(env.rank)
     seed_everything(args.seed, args.distributed.deterministic)
-    dump_dir = Path(args.dump_dir)
-    if env.is_main:
-        prepare_data(args.data)
-        dump_config(args, dump_dir / "config.yaml")
-    torch.distributed.barrier()
-
-    tokenizer = build_tokenizer(args.data.tokenizer)
-    model = build_model(args, env)
-    n_micro = args.data.batch_size // (env.world * args.data.micro_batch_size)
-    tokens_per_step = args.data.batch_size * args.data.seq_len
-    optimizer, scheduler = build_optimizer(
-        model, args.optim, args.scaling, args.schedule, args.steps, tokens_per_step, str(dump_dir) if env.is_main else None
-    )
-    loader = TrainLoader(args.data, tokenizer, env.rank, env.world)
-    val = val_batches(args.data, tokenizer, env.rank, env.world, args.eval_batches)
-    probes = build_probes(args.probes, model, args.scaling)
-    logger = MetricLogger(dump_dir, args.logging, to_dict(args), args.name, enabled=env.is_main)
-    ckpt_root = Path(args.checkpoint.dir or dump_dir / "checkpoints")
-
-    step, recent, val_loss = 0, torch.zeros(LAST_N, device=env.device), None
-    resume_from = ckpt.latest(ckpt_root)
-    if resume_from is not None:
-        states = ckpt.load(resume_from, model, optimizer)
-        mine = states[env.rank] if len(states) == env.world else states[0]
-        step, recent = mine["step"], mine["recent_losses"].to(env.device)
-        scheduler.load_state_dict(mine["scheduler"])
-        loader.load_states([s["data"] for s in states])
-        set_rng_state(mine["rng"])
-        logger.truncate_after(step)
-        log.info("resumed from %s at step %d", resume_from, step)
-        if step >= args.steps:
-            log.info("run already complete (%d steps): nothing to do", step)
-            shutdown()
-            return 0
-
-    n_params = count_params(model)
-    log.info("model: %s parameters (%d blocks, dim %d), %d ranks on %s, %d micro-batches per step",
-             f"{n_params:,}", args.model.n_layers, args.model.dim, env.world, env.device, n_micro)
-    meter = Throughput(flops_per_token(model, args.data.seq_len), peak_flops(env.device), env.world)
-    stop = StopFlag()
-    loss_acc, n_acc = torch.zeros((), device=env.device), 0
-
-    def save() -> None:
-        state = {"step": step, "scheduler": scheduler.state_dict(), "data": loader.state_dict(),
-                 "rng": rng_state(), "recent_losses": recent.cpu(), "world_size": env.world}
-        path = ckpt.save(ckpt_root, step, model, optimizer, state, args.checkpoint.keep)
-        log.info("saved checkpoint %s", path)
-
-    while step < args.steps:
-        batch = loader.next_batch().to(env.device, non_blocking=True)
-        lr = optimizer.param_groups[0]["lr"]
-        loss, grad_norm, probe_metrics = train_step(
-            model, batch, optimizer, scheduler, n_micro, args.optim.clip, probes, step
-        )
-        recent[step % LAST_N] = loss
-        step += 1
-        loss_acc, n_acc = loss_acc + loss, n_acc + 1
-        meter.add(tokens_per_step // env.world)
-
-        last = step == args.steps
-        if step % args.log_freq == 0 or last or probe_metrics:
-            record = {"step": step, "loss": all_reduce_mean(loss_acc / n_acc).item(), "lr": lr,
-                      "grad_norm": grad_norm.item(), **meter.read(),
-                      "data/skipped": int(all_reduce_sum(torch.tensor(float(loader.skipped), device=env.device)).item())}
-            if env.device.type == "cuda":
-                record["peak_mem_gb"] = torch.cuda.max_memory_allocated(env.device) / 1e9
-            record.update(probe_metrics)
-            loss_acc, n_acc = torch.zeros((), device=env.device), 0
-            logger.log(record)
-            log.info(console_line(record))
-            if stop.agreed(env.device):
-                save()
-                logger.close()
-                shutdown()
-                return EXIT_REQUEUE
-        if (args.eval_freq and step % args.eval_freq == 0) or last:
-            val_loss = evaluate(model, val, env.device)
-            if val_loss is not None:
-                logger.log({"step": step, "val/loss": val_loss})
-                log.info("step %6d | val loss %.4f", step, val_loss)
-        if (args.checkpoint.every and step % args.checkpoint.every == 0) or last:
-            save()
-
-    if env.is_main:
-        final = {"step": step, "train_loss_last": float(recent[: min(step, LAST_N)].mean()), "val_loss": val_loss}
-        (dump_dir / "DONE").write_text(json.dumps(final))
-    logger.close()
-    loader.close()
+    trainer = None
+    try:
+        check_dump_dir(Path(args.dump_dir))
+        if env.is_main:
+            prepare_data(args.data)
+            dump_config(args, Path(args.dump_dir) / "config.yaml")
+        torch.distributed.barrier()
+        trainer = Trainer(args, env)
+        trainer.resume()
+        if trainer.step >= args.steps:
+            log.info("run already complete (%d steps): nothing to do", trainer.step)
+            code = 0
+        else:
+            code = trainer.run()
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        code = 2
+    except BaseException:
+        torch.distributed.destroy_process_group()  # no barrier: the other ranks may be anywhere
+        raise
+    if trainer is not None:
+        trainer.close()
     shutdown()
-    return 0
+    return code
 
 
 def main(argv: Optional[list[str]] = None) -> int:

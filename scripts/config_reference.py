@@ -42,7 +42,9 @@ def rows(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
         if dataclasses.is_dataclass(value):
             out += rows(type(value), f"{prefix}{f.name}.")
         else:
-            out.append((f"{prefix}{f.name}", repr(value) if isinstance(value, str) else str(value), helps.get(f.name, "")))
+            out.append(
+                (f"{prefix}{f.name}", repr(value) if isinstance(value, str) else str(value), helps.get(f.name, ""))
+            )
     return out
 
 

@@ -17,9 +17,15 @@ TRAIN = str(ROOT / "apps" / "train.py")
 
 # a model small enough for a CPU test: 2 blocks, d=64, byte vocab
 TINY = [
-    "model.dim=64", "model.n_layers=2", "model.head_dim=32",
-    "data.seq_len=32", "data.batch_size=8", "data.micro_batch_size=2",
-    "eval_batches=2", "optim.lr=3e-3", "logging.wandb_mode=disabled",
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.head_dim=32",
+    "data.seq_len=32",
+    "data.batch_size=8",
+    "data.micro_batch_size=2",
+    "eval_batches=2",
+    "optim.lr=3e-3",
+    "logging.wandb_mode=disabled",
 ]
 
 
@@ -38,8 +44,15 @@ def env() -> dict:
 def train_cmd(argv: list[str], nproc: int = 1) -> list[str]:
     if nproc == 1:
         return [sys.executable, TRAIN, *argv]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}", TRAIN, *argv]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        TRAIN,
+        *argv,
+    ]
 
 
 def run_train(argv: list[str], nproc: int = 1, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:

@@ -66,8 +66,14 @@ def test_missing_config_file():
 
 def test_cli_prints_one_line_and_writes_nothing(tmp_path):
     dump = tmp_path / "run"
-    proc = subprocess.run([sys.executable, TRAIN, f"dump_dir={dump}", "optim.lr=-1"], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, TRAIN, f"dump_dir={dump}", "optim.lr=-1"],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["config error: optim.lr: must be positive, got -1.0"]
     assert not dump.exists()

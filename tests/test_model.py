@@ -52,7 +52,7 @@ def test_init_std_per_class():
 def test_init_is_deterministic_and_seeded():
     a, b, c = tiny(), tiny(), Transformer(tiny().args)
     c.init_weights(seed=1)
-    for (n, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+    for (n, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters(), strict=True):
         assert torch.equal(pa, pb), n
         if not n.endswith("norm.weight"):
             assert not torch.equal(pa, pc), n
@@ -64,7 +64,9 @@ def test_rope_matches_meta_complex_form():
     # Meta's llama: view pairs as complex numbers and multiply by exp(i * t * theta^(-2k/D))
     freqs = 1.0 / (10000.0 ** (torch.arange(0, 8, 2).double() / 8))
     cis = torch.polar(torch.ones(5, 4, dtype=torch.float64), torch.outer(torch.arange(5).double(), freqs))
-    ref = torch.view_as_real(torch.view_as_complex(x.double().reshape(2, 5, 3, 4, 2)) * cis[None, :, None]).reshape(x.shape)
+    ref = torch.view_as_real(torch.view_as_complex(x.double().reshape(2, 5, 3, 4, 2)) * cis[None, :, None]).reshape(
+        x.shape
+    )
     torch.testing.assert_close(apply_rope(x, tables).double(), ref, rtol=1e-5, atol=1e-5)
 
 

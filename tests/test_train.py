@@ -42,8 +42,15 @@ def test_two_rank_fsdp_loss_falls(tmp_path, tiny):
 
 
 def _launch(argv, nproc=1):
-    return subprocess.Popen(train_cmd(argv, nproc), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        train_cmd(argv, nproc),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for_checkpoint(root: Path, proc, min_step: int, timeout=180):
@@ -134,8 +141,20 @@ def test_finished_run_is_not_rerun(tmp_path, tiny):
 @pytest.mark.gpu
 def test_gpu_bf16_fsdp_compile(tmp_path, tiny):
     dump = tmp_path / "gpu"
-    run_train([f"dump_dir={dump}", *tiny, "model.dim=256", "model.head_dim=128", "steps=30", "log_freq=10",
-               "distributed.device=cuda", "distributed.compile=true", "distributed.param_dtype=bf16"], timeout=600)
+    run_train(
+        [
+            f"dump_dir={dump}",
+            *tiny,
+            "model.dim=256",
+            "model.head_dim=128",
+            "steps=30",
+            "log_freq=10",
+            "distributed.device=cuda",
+            "distributed.compile=true",
+            "distributed.param_dtype=bf16",
+        ],
+        timeout=600,
+    )
     recs = [r for r in read_metrics(dump) if "loss" in r]
     assert recs[-1]["loss"] < 0.8 * recs[0]["loss"]
     assert recs[-1]["peak_mem_gb"] > 0 and recs[-1]["mfu"] is not None and recs[-1]["mfu"] > 0

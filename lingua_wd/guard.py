@@ -1,0 +1,110 @@
+"""Guards that keep long runs alive and honest: non-finite steps, loss spikes, resume compatibility,
+and fault injection for the tests that prove it (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from lingua_wd.args import check
+
+# config keys whose change since the checkpoint breaks an exact continuation (prefix match)
+EXACTNESS_KEYS = (
+    "model.",
+    "data.",
+    "optim.",
+    "schedule.",
+    "scaling.",
+    "seed",
+    "steps",
+    "distributed.param_dtype",
+    "distributed.reduce_dtype",
+    "distributed.device",
+    "world_size",
+)
+# everything else (logging, probes, eval, checkpoint cadence, compile, ...) may change freely
+
+
+@dataclass
+class GuardArgs:
+    max_nonfinite: int = 10  # stop after this many skipped steps with a non-finite loss or grad norm (0 = never)
+    spike_factor: float = 2.0  # log a loss_spike event when a step's loss exceeds this x its running mean
+    force_resume: bool = False  # resume even if exactness-relevant config keys changed since the checkpoint
+    inject_nan_steps: list[int] = field(default_factory=list)  # testing: make the loss NaN at these steps
+    crash_in_checkpoint: int = -1  # testing: die (exit 137) halfway through writing the checkpoint of this step
+
+
+def check_guard_args(args: GuardArgs) -> None:
+    check(args.max_nonfinite >= 0, "guard.max_nonfinite", f"must be >= 0, got {args.max_nonfinite}")
+    check(args.spike_factor > 1, "guard.spike_factor", f"must be > 1, got {args.spike_factor}")
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
+    """Step unless the gradient norm is non-finite; returns 1.0 (device tensor) for a skipped step.
+
+    Fused AdamW takes the flag on the device (`found_inf`, as GradScaler uses it) and skips the whole
+    update, moments and step count included, with no host sync. Other optimizers need one sync.
+    """
+    bad = (~torch.isfinite(grad_norm)).float()
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = bad
+        optimizer.step()
+    elif not bad.item():
+        optimizer.step()
+    return bad
+
+
+def inject_nan(loss: torch.Tensor, args: GuardArgs, step: int) -> torch.Tensor:
+    return loss * float("nan") if step in args.inject_nan_steps else loss
+
+
+def maybe_crash(args: GuardArgs, step: int) -> None:
+    """Fault injection: a process dying mid-checkpoint, as kill -9 or a node failure would."""
+    if args.crash_in_checkpoint == step:
+        os._exit(137)
+
+
+class SpikeDetector:
+    """Flags steps whose loss exceeds spike_factor x an EMA of the previous losses (host side, at log time)."""
+
+    def __init__(self, factor: float, beta: float = 0.95, warmup: int = 20):
+        self.factor, self.beta, self.warmup = factor, beta, warmup
+        self.ema: Optional[float] = None
+        self.seen = 0
+
+    def update(self, step: int, loss: float) -> Optional[dict[str, Any]]:
+        if not math.isfinite(loss):
+            return None
+        event = None
+        if self.ema is not None and self.seen >= self.warmup and loss > self.factor * self.ema:
+            event = {"step": step, "event": "loss_spike", "loss": loss, "running_mean": self.ema}
+        self.ema = loss if self.ema is None else self.beta * self.ema + (1 - self.beta) * loss
+        self.seen += 1
+        return event
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema, "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema, self.seen = state["ema"], state["seen"]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not (prefix == "data." and k == "sources"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_conflicts(saved: dict, current: dict) -> list[str]:
+    """Exactness-relevant keys whose value differs between the checkpoint's config and this run's."""
+    a, b = _flatten(saved), _flatten(current)
+    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in changed if k.startswith(EXACTNESS_KEYS)]

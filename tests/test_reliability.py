@@ -1,0 +1,184 @@
+"""Fault injection in subprocesses: crashes mid-checkpoint, NaNs, truncated checkpoints, bad shards,
+changed configs on resume, unwritable dump dirs, random kills; and a fuzzed config parser."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import ROOT, env, losses, read_metrics, run_train, train_cmd
+from lingua_wd.args import ConfigError, parse_args
+from lingua_wd.checkpoint import list_checkpoints
+from lingua_wd.train import TrainArgs, resolve_and_check
+
+FAST = ["log_freq=1", "eval_freq=0"]
+
+
+def test_crash_while_writing_checkpoint_keeps_last_good(tmp_path, tiny):
+    common = [*tiny, *FAST, "steps=12", "checkpoint.every=3"]
+    ref = tmp_path / "ref"
+    run_train([f"dump_dir={ref}", *common])
+    dump = tmp_path / "crash"
+    proc = run_train([f"dump_dir={dump}", *common, "guard.crash_in_checkpoint=6"], check=False)
+    assert proc.returncode == 137
+    root = dump / "checkpoints"
+    assert [p.name for p in list_checkpoints(root)] == [f"{3:010d}"]  # the half-written one is not complete
+    assert (root / f".tmp-{6:010d}").exists()
+    run_train([f"dump_dir={dump}", *common])
+    assert losses(dump) == losses(ref)
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, tiny):
+    dump = tmp_path / "nan"
+    run_train([f"dump_dir={dump}", *tiny, *FAST, "steps=10", "guard.inject_nan_steps=[4,5]"])
+    recs = {r["step"]: r for r in read_metrics(dump) if "loss" in r}
+    assert recs[10]["nonfinite_steps"] == 2
+    assert recs[5]["loss"] == "nan" and isinstance(recs[7]["loss"], float)  # steps 5, 6 (1-based) were NaN
+    assert recs[10]["loss"] < recs[1]["loss"]  # the skipped updates did not poison the weights
+    stop = tmp_path / "stop"
+    proc = run_train(
+        [
+            f"dump_dir={stop}",
+            *tiny,
+            *FAST,
+            "steps=20",
+            "checkpoint.every=2",
+            "guard.inject_nan_steps=[5,6,7]",
+            "guard.max_nonfinite=3",
+        ],
+        check=False,
+    )
+    assert proc.returncode == 3
+    assert "guard.max_nonfinite=3" in proc.stderr
+    assert [p.name for p in list_checkpoints(stop / "checkpoints")][-1] == f"{6:010d}"  # nothing saved after
+    assert not (stop / "DONE").exists()
+
+
+def test_loss_spike_is_logged_as_event():
+    from lingua_wd.guard import SpikeDetector
+
+    det = SpikeDetector(factor=2.0, warmup=5)
+    events = [det.update(s, v) for s, v in enumerate([3.0] * 10 + [7.0, 3.0])]
+    assert [e["step"] for e in events if e] == [10]
+
+
+def test_truncated_latest_checkpoint_resumes_from_previous(tmp_path, tiny):
+    common = [*tiny, *FAST, "steps=8", "checkpoint.every=2", "checkpoint.keep=3"]
+    ref = tmp_path / "ref"
+    run_train([f"dump_dir={ref}", *common])
+    dump = tmp_path / "trunc"
+    run_train([f"dump_dir={dump}", *common])
+    (dump / "DONE").unlink()
+    shard = next((dump / "checkpoints" / f"{8:010d}").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    proc = run_train([f"dump_dir={dump}", *common])
+    assert "skipping incomplete checkpoint" in proc.stderr and "at step 6" in proc.stderr
+    assert losses(dump) == losses(ref)
+
+
+def test_corrupted_data_shard_is_skipped_and_counted(tmp_path, tiny):
+    data = tmp_path / "data"
+    data.mkdir()
+    good = "".join(json.dumps({"text": f"document number {i} " * 20}) + "\n" for i in range(200))
+    bad = good[:3000] + "{not json\n" + '{"url": "x"}\n' + good[3000:]
+    (data / "a.jsonl").write_text(bad)
+    blob = zstandard.ZstdCompressor().compress(good.encode())
+    (data / "b.jsonl.zst").write_bytes(blob[: len(blob) // 2])  # truncated compressed shard
+    dump = tmp_path / "run"
+    run_train([f"dump_dir={dump}", *tiny, *FAST, "steps=30", f"data.sources={{{data}: 1.0}}", "data.val_sources=''"])
+    last = [r for r in read_metrics(dump) if "loss" in r][-1]
+    assert last["data/skipped"] >= 2
+    assert (dump / "DONE").exists()
+
+
+def test_resume_refuses_exactness_breaking_changes(tmp_path, tiny):
+    common = [*tiny, *FAST, "steps=6", "checkpoint.every=2"]
+    dump = tmp_path / "run"
+    run_train([f"dump_dir={dump}", *common, "guard.crash_in_checkpoint=4"], check=False)
+    proc = run_train([f"dump_dir={dump}", *common, "optim.lr=1e-3", "guard.crash_in_checkpoint=4"], check=False)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("config error: optim.lr: changed since checkpoint") and "force_resume" in line
+    # harmless changes resume
+    run_train([f"dump_dir={dump}", *common, "log_freq=2", "probes.every=3", "guard.crash_in_checkpoint=4"], check=False)
+    forced = run_train([f"dump_dir={dump}", *common, "optim.lr=1e-3", "guard.force_resume=true"])
+    assert "forced" in forced.stderr and (dump / "DONE").exists()
+
+
+def test_unwritable_dump_dir_is_a_clear_error(tmp_path, tiny):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = run_train([f"dump_dir={blocker}/run", *tiny], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("config error: dump_dir: cannot write to")
+
+
+def test_random_kills_end_with_the_same_final_loss(tmp_path, tiny):
+    """A user killing the run at random moments (3 times here; docs/reliability.md reports 10)."""
+    common = [*tiny, *FAST, "steps=40", "checkpoint.every=4", "data.seq_len=16"]
+    ref = tmp_path / "ref"
+    run_train([f"dump_dir={ref}", *common])
+    dump, rng = tmp_path / "kills", random.Random(0)
+    for _ in range(3):
+        proc = subprocess.Popen(
+            train_cmd([f"dump_dir={dump}", *common]),
+            cwd=ROOT,
+            env=env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        time.sleep(rng.uniform(2.0, 6.0))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    run_train([f"dump_dir={dump}", *common])
+    assert losses(dump) == losses(ref)
+    assert json.loads((dump / "DONE").read_text()) == json.loads((ref / "DONE").read_text())
+
+
+KEYS = [
+    "steps",
+    "model.dim",
+    "model.n_layers",
+    "model.head_dim",
+    "optim.lr",
+    "optim.beta2",
+    "data.batch_size",
+    "data.micro_batch_size",
+    "schedule.warmup",
+    "schedule.warmup_steps",
+    "scaling.mode",
+    "scaling.wd_mode",
+    "scaling.base_dim",
+    "probes.every",
+    "probes.layers",
+    "model.n_kv_heads",
+    "data.seq_len",
+    "nokey",
+    "model",
+]
+VALUES = st.one_of(
+    st.integers(-5, 5000),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.booleans(),
+    st.sampled_from(["[1,2]", "{a: 1}", "null", "mup", "independent", "[layers.0.*]", "'", "${x}"]),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), max_size=4))
+def test_config_fuzz_only_ends_in_clean_errors(items):
+    argv = [f"{k}={v}" for k, v in items]
+    try:
+        args = parse_args(TrainArgs, argv)
+        resolve_and_check(args, 1)
+    except ConfigError as err:
+        msg = str(err)
+        assert msg and "\n" not in msg and "Traceback" not in msg
