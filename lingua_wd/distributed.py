@@ -114,6 +114,7 @@ def parallelize(model: nn.Module, args: DistributedArgs, device: torch.device) -
         for block in model.layers:
             block.compile()
     model.activation_checkpointing = args.activation_checkpointing
+    model.compile_loss = args.compile and device.type == "cuda"
     if device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=DTYPES[args.param_dtype], reduce_dtype=DTYPES[args.reduce_dtype])
     else:
@@ -124,6 +125,16 @@ def parallelize(model: nn.Module, args: DistributedArgs, device: torch.device) -
         fully_shard(block, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mp_policy=mp, reshard_after_forward=args.reshard_after_forward)
     return model
+
+
+def reshard_all(model: nn.Module) -> None:
+    """After a no-grad forward FSDP2 leaves modules built with reshard_after_forward=False unsharded
+    (no backward comes to reshard them): reshard so parameters are the sharded DTensors again."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lingua_wd.args import check
+from lingua_wd.loss import linear_cross_entropy
 
 
 @dataclass
@@ -156,17 +157,26 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.activation_checkpointing = False  # set by distributed.parallelize
+        self.compile_loss = False  # set by distributed.parallelize (CUDA + compile)
+        self.loss_chunk: Optional[int] = None  # tokens per chunk of the fused output + loss (None: loss.CHUNK_SIZE)
         self.register_buffer("rope", rope_tables(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V)."""
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V); with targets (B, T) -> the mean cross-entropy (fp32).
+
+        The loss never materializes the full (B*T, V) fp32 logits (lingua_wd/loss.py): it runs here,
+        inside the root module's forward, where FSDP2 has unsharded `output.weight`.
+        """
         h = self.tok_embeddings(tokens)  # (B, T, d)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(layer, h, self.rope, use_reentrant=False)
             else:
                 h = layer(h, self.rope)
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        if targets is None:
+            return self.output(h)
+        return linear_cross_entropy(h, self.output.weight, targets, self.loss_chunk, compiled=self.compile_loss)
 
     @torch.no_grad()
     def init_weights(self, std_fn: Optional[StdFn] = None, seed: int = 0) -> None:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from lingua_wd import checkpoint as ckpt
 from lingua_wd.args import ConfigError, check, dump_config, parse_args, to_dict, to_yaml
@@ -30,6 +29,7 @@ from lingua_wd.distributed import (
     check_distributed_args,
     init_distributed,
     parallelize,
+    reshard_all,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -128,10 +128,6 @@ def check_dump_dir(path: Path) -> None:
         raise ConfigError(f"dump_dir: cannot write to {path} ({err.strerror or err})") from None
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
 def build_model(args: TrainArgs, env: DistEnv) -> Transformer:
     """Meta device -> fully_shard -> to_empty -> init_weights: no rank ever holds the full fp32 model."""
     with torch.device("meta"):
@@ -152,7 +148,7 @@ def train_step(model, batch, optimizer, scheduler, args: TrainArgs, n_micro: int
     inputs, targets = batch[:, :-1], batch[:, 1:]  # (B_local, T)
     loss_sum = torch.zeros((), device=batch.device)
     for x, y in zip(inputs.chunk(n_micro), targets.chunk(n_micro), strict=True):
-        loss = inject_nan(cross_entropy(model(x), y), args.guard, step) / n_micro
+        loss = inject_nan(model(x, y), args.guard, step) / n_micro
         loss.backward()
         loss_sum += loss.detach()
     grad_norm = clip_grad_norm_(model, args.optim.clip)
@@ -173,7 +169,8 @@ def evaluate(model, batches: list[torch.Tensor], device: torch.device) -> Option
     total = torch.zeros((), device=device)
     for b in batches:
         b = b.to(device)
-        total += cross_entropy(model(b[:, :-1]), b[:, 1:])
+        total += model(b[:, :-1], b[:, 1:])
+    reshard_all(model)
     return all_reduce_mean(total / len(batches)).item()
 
 
@@ -213,6 +210,9 @@ class Trainer:
             self.tokens_per_step,
             str(self.dump_dir) if env.is_main else None,
         )
+        # the logged "lr" is that of the hidden matrices (the width-scaled eta_base / m under muP)
+        groups = self.optimizer.param_groups
+        self.lr_group = next((i for i, g in enumerate(groups) if g.get("class") == "hidden"), 0)
         self.loader = TrainLoader(args.data, self.tokenizer, env.rank, env.world)
         self.val = val_batches(args.data, self.tokenizer, env.rank, env.world, args.eval_batches)
         self.probes = build_probes(args.probes, self.model, args.scaling)
@@ -330,7 +330,7 @@ class Trainer:
         stop, step_losses, skipped = StopFlag(), [], torch.zeros((), device=env.device)
         while self.step < args.steps:
             batch = self.loader.next_batch().to(env.device, non_blocking=True)
-            lr = self.optimizer.param_groups[0]["lr"]
+            lr = self.optimizer.param_groups[self.lr_group]["lr"]
             loss, grad_norm, bad, probe_metrics = train_step(
                 self.model, batch, self.optimizer, self.scheduler, args, self.n_micro, self.step, self.probes
             )

@@ -89,6 +89,6 @@ def test_resolved_config_round_trips(tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]["dim"] == 256
 
 
-@pytest.mark.parametrize("name", ["debug.yaml", "base.yaml"])
+@pytest.mark.parametrize("name", ["debug.yaml", "base.yaml", "paper/llama.yaml"])
 def test_shipped_configs_parse(name):
     parse([f"config={ROOT / 'configs' / name}"])

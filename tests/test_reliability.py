@@ -126,6 +126,7 @@ def test_random_kills_end_with_the_same_final_loss(tmp_path, tiny):
     run_train([f"dump_dir={ref}", *common])
     dump, rng = tmp_path / "kills", random.Random(0)
     for _ in range(3):
+        before = max(losses(dump), default=0) if (dump / "metrics.jsonl").exists() else 0
         proc = subprocess.Popen(
             train_cmd([f"dump_dir={dump}", *common]),
             cwd=ROOT,
@@ -134,7 +135,11 @@ def test_random_kills_end_with_the_same_final_loss(tmp_path, tiny):
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        time.sleep(rng.uniform(2.0, 6.0))
+        while (
+            proc.poll() is None and (max(losses(dump), default=0) if (dump / "metrics.jsonl").exists() else 0) <= before
+        ):
+            time.sleep(0.02)  # this start is training now
+        time.sleep(rng.uniform(0.0, 1.5))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     run_train([f"dump_dir={dump}", *common])
