@@ -157,8 +157,8 @@ def train_step(model, batch, optimizer, scheduler, args: TrainArgs, n_micro: int
         probes.before_step(step, inputs[: inputs.shape[0] // n_micro])
     skipped = optimizer_step(optimizer, grad_norm)
     optimizer.zero_grad(set_to_none=True)
+    probe_metrics = probes.after_step(step, optimizer) if probing else {}  # reads this step's LR and WD
     scheduler.step()
-    probe_metrics = probes.after_step(step, optimizer) if probing else {}
     return loss_sum, grad_norm, skipped, probe_metrics
 
 

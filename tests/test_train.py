@@ -147,8 +147,8 @@ def test_gpu_bf16_fsdp_compile(tmp_path, tiny):
             *tiny,
             "model.dim=256",
             "model.head_dim=128",
-            "steps=30",
-            "log_freq=10",
+            "steps=60",
+            "log_freq=1",
             "distributed.device=cuda",
             "distributed.compile=true",
             "distributed.param_dtype=bf16",
@@ -156,6 +156,7 @@ def test_gpu_bf16_fsdp_compile(tmp_path, tiny):
         timeout=600,
     )
     recs = [r for r in read_metrics(dump) if "loss" in r]
-    assert recs[-1]["loss"] < 0.8 * recs[0]["loss"]
+    first, last = (sum(r["loss"] for r in part) / 3 for part in (recs[:3], recs[-3:]))
+    assert last < 0.7 * first
     assert recs[-1]["peak_mem_gb"] > 0 and recs[-1]["mfu"] is not None and recs[-1]["mfu"] > 0
     assert torch.cuda.is_available()

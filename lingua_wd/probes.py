@@ -1,0 +1,414 @@
+"""Alignment probes (SPEC §5): in-loop alignment ratios, relative updates, representation change and
+top singular values of chosen linear layers Y = W X, exact under FSDP2 and cheap enough to leave on.
+
+The trainer calls two hooks around the optimizer step of a probe step t (see `Probes`):
+- `before_step`: snapshot this rank's rows of W_t, then run ONE extra no-grad forward of the probe
+  slice (rank 0's first sequences, broadcast) with forward hooks on the probed nn.Linear modules,
+  which keep X and ||W_t X||. That forward runs under `torch.compiler.set_stance("force_eager")`:
+  hooks inside blocks compiled in place (`block.compile()`) would otherwise recompile them (dynamo
+  guards on grad mode and on the hook dicts); eager, the compiled code is never touched. Without
+  grad, activation checkpointing does not recompute, so each hook fires once.
+- `after_step`: dW = W_{t+1} - W_t (total change, decay included) on the local rows; ||W_t||, ||dW||,
+  ||dW X|| and sigma_max are sums of per-shard partial sums (W is sharded by rows, X is replicated):
+  one all-reduce of a packed vector per probe step (plus one small all-reduce per power iteration),
+  no weight is ever all-gathered, one host sync.
+
+Products run in X's dtype (what the forward used: bf16 under FSDP2 mixed precision), squared norms
+are always accumulated in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lingua_wd.args import check
+
+# metric -> definition (SPEC §5); K x C is the weight's shape, eta and lambda its optimizer group's
+METRICS = {
+    "rel_update": "||dW|| / ||W_t||",
+    "weight_align": "alpha_W = ||W_t X|| / (||W_t|| ||X||), about 1/sqrt(C) at init",
+    "update_align": "alpha_dW = ||dW X|| / (||dW|| ||X||) (eq 2)",
+    "align_ratio": "alpha_dW / alpha_W (muP assumes Theta(sqrt(C)), eq 5)",
+    "rrc": "relative representation change ||dW X|| / ||W_t X|| = align_ratio * rel_update (eq 4)",
+    "weight_rms": "||W_t|| / sqrt(K C)",
+    "eq_weight_rms": "equilibrium RMS of the simple model, eta / sqrt(1 - a^2) ~ sqrt(eta / (2 lambda)) (eq 33)",
+    "eq_rel_update": "equilibrium relative update sqrt(1 - a^2) ~ sqrt(2 eta lambda) (eq 36)",
+    "sigma_max": "top singular value of W_t by warm-started power iteration ([001])",
+    "grad_rel_update": "gradient-only part dW_g = W_{t+1} - a W_t (decay removed): ||dW_g|| / ||W_t||",
+    "grad_update_align": "||dW_g X|| / (||dW_g|| ||X||)",
+    "grad_rrc": "||dW_g X|| / ||W_t X||",
+}
+DEFAULT_METRICS = [m for m in METRICS if not m.startswith("grad_")]
+X_METRICS = {"weight_align", "update_align", "align_ratio", "rrc", "grad_update_align", "grad_rrc"}
+DW_METRICS = {"rel_update", "update_align", "align_ratio", "rrc"}
+GRAD_METRICS = {"grad_rel_update", "grad_update_align", "grad_rrc"}
+SUMS = ("w", "dw", "dwx", "sigma", "dwg", "dwgx")  # per-layer partial sums of squares, all-reduced
+CHUNK = 1 << 25  # elements per temporary in the chunked products and norms (bounds extra memory)
+COLD_ITERS = 30  # power iterations at a layer's first probe (random start); later probes warm-start
+
+
+@dataclass
+class ProbeArgs:
+    every: int = 10  # probe every N optimizer steps (step % every == 0; 0 = off)
+    layers: list[str] = field(default_factory=list)  # name globs of linears (layers.*.attention.wq) or all; [] = off
+    fraction: float = 1 / 64  # share of one micro-batch giving the probe inputs X (>= 1 sequence)
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))  # probes.METRICS names; grad_*: no decay
+    power_iters: int = 2  # power-iteration steps per probe for sigma_max, warm-started from the last probe
+
+
+def check_probe_args(args: ProbeArgs) -> None:
+    check(args.every >= 0, "probes.every", f"must be >= 0, got {args.every}")
+    check(0 < args.fraction <= 1, "probes.fraction", f"must be in (0, 1], got {args.fraction}")
+    check(args.power_iters >= 1, "probes.power_iters", f"must be >= 1, got {args.power_iters}")
+    for name in args.metrics:
+        check(name in METRICS, "probes.metrics", f"unknown metric {name!r} (choose from {', '.join(METRICS)})")
+    check(len(args.metrics) > 0, "probes.metrics", "is empty (set probes.layers=[] to turn probes off)")
+
+
+def match_layers(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of the nn.Linear modules matching any glob ("all" = every linear), in model order."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    globs = ["*" if p == "all" else str(p) for p in patterns]
+    for pat, glob in zip(patterns, globs, strict=True):
+        hits = [n for n in linears if fnmatchcase(n, glob)]
+        check(bool(hits), "probes.layers", f"{pat!r} matches no linear layer (e.g. {', '.join(linears[:3])}, ...)")
+    return [n for n in linears if any(fnmatchcase(n, g) for g in globs)]
+
+
+def layer_classes(model: nn.Module, names: list[str], scaling_args: Any = None) -> dict[str, str]:
+    """Layer -> parameter class of its weight (scaling.param_classes), for the per-class medians."""
+    if scaling_args is None:
+        from lingua_wd.scaling import ScalingArgs
+
+        scaling_args = ScalingArgs()
+    from lingua_wd.scaling import param_classes
+
+    classes = param_classes(model, scaling_args)
+    return {n: classes[f"{n}.weight"] for n in names}
+
+
+def build_probes(args: ProbeArgs, model: nn.Module, scaling_args: Any = None) -> Optional[Probes]:
+    """The probes of `args` on `model` (after fully_shard / compile), or None when they are off."""
+    check_probe_args(args)
+    if args.every == 0 or not args.layers:
+        return None
+    names = match_layers(model, args.layers)
+    return Probes(args, model, layer_classes(model, names, scaling_args))
+
+
+class Probes:
+    """Called by the trainer inside a probe step (all ranks, same step):
+
+        if probes.due(step): probes.before_step(step, inputs)   # after backward + clipping
+        optimizer.step()
+        if probes.due(step): metrics.update(probes.after_step(step, optimizer))  # before scheduler.step()
+
+    Probing changes nothing in training: no RNG is drawn, the batch, the grads and the weights are
+    only read (the FSDP2 modules are resharded after the probe forward, as they were).
+    """
+
+    def __init__(self, args: ProbeArgs, model: nn.Module, classes: dict[str, str]):
+        self.args, self.model, self.classes = args, model, classes
+        self.modules = {name: model.get_submodule(name) for name in classes}
+        self.index = {name: i for i, name in enumerate(classes)}
+        wanted = set(args.metrics)
+        self.need_x = bool(wanted & X_METRICS)
+        self.need_dw = bool(wanted & (DW_METRICS | GRAD_METRICS))
+        self.need_grad = bool(wanted & GRAD_METRICS)
+        self.need_sigma = "sigma_max" in wanted
+        self._v: dict[str, torch.Tensor] = {}  # power-iteration vectors (R^C, replicated), kept across probes
+        self._reset()
+
+    def _reset(self) -> None:
+        # W_t's local rows, stacked by shape (one batched op per shape instead of one per layer)
+        self._groups: list[tuple[list[str], torch.Tensor]] = []
+        self._x: dict[str, torch.Tensor] = {}  # layer input X of the probe slice (a reference, not a copy)
+        self._y_sq: dict[str, torch.Tensor] = {}  # ||W_t X||^2 from the layer's own output
+        self._x_sq: dict[int, torch.Tensor] = {}  # ||X||^2 per distinct input tensor (wq, wk, wv share one)
+        self._step: Optional[int] = None
+
+    def due(self, step: int) -> bool:
+        return self.args.every > 0 and step % self.args.every == 0
+
+    @torch.no_grad()
+    def before_step(self, step: int, inputs: torch.Tensor) -> None:
+        """Snapshot W_t and capture X, ||W_t X|| on the probe slice of `inputs` (mb, T) (this rank's)."""
+        self._reset()
+        self._step = step
+        _reshard(self.model)  # module.weight must be the sharded parameter the optimizer updates
+        self._snapshot()
+        if self.need_x:
+            self._capture(probe_slice(inputs, self.args.fraction, _device(self.model)))
+
+    def _snapshot(self) -> None:
+        """Copy this rank's rows of each W_t (fp32) into one (layers, K_local, C) buffer per shape."""
+        local = {n: _local(m.weight).detach() for n, m in self.modules.items()}
+        by_shape: dict[tuple[int, ...], list[str]] = {}
+        for n, w in local.items():
+            by_shape.setdefault(tuple(w.shape), []).append(n)
+        dev = _device(self.model)
+        for shape, names in by_shape.items():
+            buf = torch.empty((len(names), *shape), dtype=torch.float32, device=dev)
+            torch._foreach_copy_(list(buf.unbind(0)), [local[n] for n in names])
+            self._groups.append((names, buf))
+
+    def _capture(self, tokens: torch.Tensor) -> None:
+        names = {m: n for n, m in self.modules.items()}
+
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            name = names[module]
+            if name in self._x:  # a module called twice: keep its first input
+                return
+            x = args[0]
+            self._x[name] = x
+            self._y_sq[name] = _sq_norm(out)
+            if id(x) not in self._x_sq:
+                self._x_sq[id(x)] = _sq_norm(x)
+
+        handles = [m.register_forward_hook(hook) for m in self.modules.values()]
+        try:
+            with torch.compiler.set_stance("force_eager"):
+                self.model(tokens)
+        finally:
+            for h in handles:
+                h.remove()
+            _reshard(self.model)  # an FSDP2 root keeps its params gathered after forward otherwise
+
+    @torch.no_grad()
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """`probe/<layer>/<metric>` and `probe/median/<class>/<metric>`, the same floats on every rank."""
+        assert self._step == step, f"after_step({step}) without before_step({step})"
+        params = {n: m.weight for n, m in self.modules.items()}
+        group = _shard_group(list(params.values()))
+        decays = _decays(optimizer, params)
+        w1 = {n: _local(p).detach() for n, p in params.items()}
+        order = [n for names, _ in self._groups for n in names]
+        zero = torch.zeros((), device=_device(self.model))
+        cols: dict[str, list[torch.Tensor]] = {"w": [_sq_norms(buf) for _, buf in self._groups]}
+        if self.need_sigma:
+            cols["sigma"] = self._power_iteration(group)
+        if self.need_grad:  # dW_g = W_{t+1} - (1 - d) W_t: the update with the decay removed, layer by layer
+            dwg_sq, dwgx_sq = [], []
+            for n, w0 in self._layers():
+                g = w1[n].float() - (1.0 - decays[n][2]) * w0 if n in decays else None
+                dwg_sq.append(zero if g is None else _sq_norm(g))
+                dwgx_sq.append(self._dwx(n, g, zero))
+            cols["dwg"], cols["dwgx"] = [torch.stack(dwg_sq)], [torch.stack(dwgx_sq)]
+        if self.need_dw:
+            for names, buf in self._groups:  # in place: the buffer now holds W_t - W_{t+1} = -dW
+                torch._foreach_sub_(list(buf.unbind(0)), [w1[n] for n in names])
+            cols["dw"] = [_sq_norms(buf) for _, buf in self._groups]
+            cols["dwx"] = [torch.stack([self._dwx(n, mdw, zero) for n, mdw in self._layers()])]
+        rows = self._reduce(order, {k: torch.cat(v) for k, v in cols.items()}, group, decays, zero)
+        out = {}
+        for n in self.modules:
+            for metric, v in layer_metrics(rows[n], tuple(params[n].shape), decays.get(n)).items():
+                if metric in self.args.metrics:
+                    out[f"probe/{n}/{metric}"] = v
+        out.update(class_medians(out, self.classes))
+        self._reset()
+        return out
+
+    def _layers(self):
+        """(layer, its rows of the snapshot buffer) in buffer order."""
+        for names, buf in self._groups:
+            yield from zip(names, buf.unbind(0), strict=True)
+
+    def _dwx(self, name: str, dw: Optional[torch.Tensor], zero: torch.Tensor) -> torch.Tensor:
+        x = self._x.get(name)
+        return zero if x is None or dw is None else _sq_norm_product(dw, x)
+
+    def _power_iteration(self, group: Any) -> list[torch.Tensor]:
+        """Partial ||W_t v||^2 per layer, v the top right singular vector estimate (sigma_max^2 once reduced).
+
+        W is sharded by rows: u = W_local v is local, W^T u = sum over ranks of W_local^T u_local,
+        one all-reduce of all layers' vectors per iteration; v (R^C) stays identical on all ranks.
+        """
+        cold = any(n not in self._v for n in self.modules)
+        vs = []
+        for names, buf in self._groups:
+            for n in names:
+                if n not in self._v:  # a fixed private generator: no global RNG is drawn
+                    gen = torch.Generator().manual_seed(1_000_003 + self.index[n])
+                    self._v[n] = torch.randn(buf.shape[-1], generator=gen).to(buf.device)
+            vs.append(_normalize(torch.stack([self._v[n] for n in names]), None))  # (layers, C)
+        for _ in range(max(self.args.power_iters, COLD_ITERS) if cold else self.args.power_iters):
+            zs = [torch.bmm(buf.transpose(1, 2), torch.bmm(buf, v.unsqueeze(-1))).squeeze(-1)
+                  for (_, buf), v in zip(self._groups, vs, strict=True)]  # fmt: skip
+            if group is not None:
+                flat = torch.cat([z.reshape(-1) for z in zs])
+                dist.all_reduce(flat, group=group)
+                zs = [f.view_as(z) for f, z in zip(flat.split([z.numel() for z in zs]), zs, strict=True)]
+            vs = [_normalize(z, v) for z, v in zip(zs, vs, strict=True)]
+        for (names, _), v in zip(self._groups, vs, strict=True):
+            self._v.update(zip(names, v.unbind(0), strict=True))
+        return [
+            torch.bmm(buf, v.unsqueeze(-1)).square().sum((1, 2)) for (_, buf), v in zip(self._groups, vs, strict=True)
+        ]
+
+    def _reduce(self, order: list[str], cols: dict[str, torch.Tensor], group: Any, decays: dict, zero) -> dict:
+        """All-reduce the per-shard partial sums (one collective), add the replicated X norms, one host sync."""
+        keys = list(cols)
+        packed = torch.cat([cols[k] for k in keys])
+        if group is not None:
+            dist.all_reduce(packed, group=group)
+        x_sq = [self._x_sq[id(self._x[n])] if n in self._x else zero for n in order]
+        rep = torch.stack([self._y_sq.get(n, zero) for n in order] + x_sq)
+        flat = torch.cat([packed, rep]).tolist()
+        L, rows = len(order), {}
+        for i, n in enumerate(order):
+            row: dict[str, Optional[float]] = dict.fromkeys(SUMS)
+            row.update({k: flat[j * L + i] for j, k in enumerate(keys)})
+            if n not in self._x:  # no X: the X-based sums are not defined
+                row["dwx"] = row["dwgx"] = None
+            if n not in decays:
+                row["dwg"] = row["dwgx"] = None
+            row["y"], row["x"] = (
+                (flat[len(keys) * L + i], flat[len(keys) * L + L + i]) if n in self._x else (None, None)
+            )
+            rows[n] = row
+        return rows
+
+
+def layer_metrics(s: dict[str, Optional[float]], shape: tuple[int, ...], decay: Optional[tuple]) -> dict[str, float]:
+    """SPEC §5 from the reduced squared norms; a metric whose denominator is 0 (or unknown) is left out."""
+    r = {k: (math.sqrt(v) if v is not None else None) for k, v in s.items()}
+    w, dw, dwx, y, x, dwg, dwgx = (r[k] for k in ("w", "dw", "dwx", "y", "x", "dwg", "dwgx"))
+    out = {
+        "rel_update": _div(dw, w),
+        "weight_align": _div(y, _mul(w, x)),
+        "update_align": _div(dwx, _mul(dw, x)),
+        "rrc": _div(dwx, y),
+        "weight_rms": _div(w, math.sqrt(shape[0] * shape[1])),
+        "sigma_max": r["sigma"],
+        "grad_rel_update": _div(dwg, w),
+        "grad_update_align": _div(dwgx, _mul(dwg, x)),
+        "grad_rrc": _div(dwgx, y),
+    }
+    out["align_ratio"] = _div(out["update_align"], out["weight_align"])
+    if decay is not None and decay[2] > 0:
+        eta, d = decay[0], decay[2]
+        one_minus_a2 = 1.0 - (1.0 - d) ** 2  # simple RMS model rho^2 <- a^2 rho^2 + eta^2, a = 1 - d (eq 30)
+        out["eq_weight_rms"] = eta / math.sqrt(one_minus_a2)  # eq 33
+        out["eq_rel_update"] = math.sqrt(one_minus_a2)  # eq 36: eta / rho_inf
+    return {k: v for k, v in out.items() if v is not None and math.isfinite(v)}
+
+
+def class_medians(metrics: dict[str, float], classes: dict[str, str]) -> dict[str, float]:
+    """`probe/median/<class>/<metric>`: median over the probed layers of each parameter class."""
+    by: dict[tuple[str, str], list[float]] = {}
+    for key, v in metrics.items():
+        layer, metric = key[len("probe/") :].rsplit("/", 1)
+        by.setdefault((classes[layer], metric), []).append(v)
+    return {f"probe/median/{c}/{m}": statistics.median(vs) for (c, m), vs in by.items()}
+
+
+def probe_slice(inputs: torch.Tensor, fraction: float, device: torch.device) -> torch.Tensor:
+    """Rank 0's first ceil(fraction * mb) sequences (at least one), the same on every rank.
+
+    A copy: the broadcast writes into it, never into the trainer's batch.
+    """
+    n = max(1, math.ceil(fraction * inputs.shape[0]))
+    tokens = inputs[:n].to(device, copy=True).contiguous()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(tokens, src=0)
+    return tokens
+
+
+def _decays(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """Layer -> (eta, lambda, d) of its optimizer group, d the decay per step: W <- (1 - d) W + ...
+
+    PyTorch AdamW: d = eta * lambda (Alg. 1); the decoupled variant: d = lambda * eta / eta_peak.
+    `eta` is the group's current LR, so after_step must run before scheduler.step().
+    """
+    from lingua_wd.optim import DecoupledAdamW
+
+    owner = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    out = {}
+    for n, p in params.items():
+        g = owner.get(id(p))
+        if g is None:
+            continue
+        eta, lam = float(g["lr"]), float(g.get("weight_decay", 0.0))
+        if isinstance(optimizer, DecoupledAdamW):
+            d = lam * eta / float(g.get("initial_lr", eta) or eta)
+        else:
+            d = eta * lam
+        out[n] = (eta, lam, d)
+    return out
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a (possibly FSDP2-sharded DTensor) weight."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _shard_group(params: list[torch.Tensor]) -> Any:
+    """The process group over which the weights' rows are sharded (None: every rank holds whole weights)."""
+    groups = set()
+    for p in params:
+        if not hasattr(p, "device_mesh"):
+            continue
+        dims = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
+        assert len(dims) == 1 and p.placements[dims[0]].dim == 0, f"probes need weights sharded by rows: {p.placements}"
+        if p.device_mesh.size(dims[0]) > 1:
+            groups.add(p.device_mesh.get_group(dims[0]))
+    assert len(groups) <= 1, "probed weights are sharded over different process groups"
+    return groups.pop() if groups else None
+
+
+def _reshard(model: nn.Module) -> None:
+    for m in model.modules():
+        if hasattr(m, "reshard") and hasattr(m, "_get_fsdp_state"):  # FSDP2 FSDPModule
+            m.reshard()
+
+
+def _device(model: nn.Module) -> torch.device:
+    return _local(next(model.parameters())).device
+
+
+def _sq_norm(t: torch.Tensor) -> torch.Tensor:
+    """||t||^2 as an fp32 scalar, accumulated in fp32 whatever t's dtype (bf16 outputs included)."""
+    flat = t.reshape(-1)
+    total = torch.zeros((), dtype=torch.float32, device=t.device)
+    for chunk in flat.split(CHUNK):
+        total += torch.linalg.vector_norm(chunk, dtype=torch.float32).square()
+    return total
+
+
+def _sq_norm_product(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """||W_local X||^2 (this rank's rows of W X), in X's dtype, chunked over rows to bound memory."""
+    x2 = x.reshape(-1, x.shape[-1])  # (N, C)
+    total = torch.zeros((), dtype=torch.float32, device=w.device)
+    rows = max(1, CHUNK // max(1, x2.shape[0]))
+    for wc in w.split(rows):
+        total += _sq_norm(x2 @ wc.to(x2.dtype).T)  # (N, rows)
+    return total
+
+
+def _sq_norms(buf: torch.Tensor) -> torch.Tensor:
+    """Per-layer squared norms of a (layers, K, C) fp32 buffer."""
+    return torch.linalg.vector_norm(buf, dim=(1, 2)).square()
+
+
+def _normalize(z: torch.Tensor, fallback: Optional[torch.Tensor]) -> torch.Tensor:
+    """Rows of z scaled to unit norm; a zero row keeps the fallback (a zero weight stays harmless)."""
+    n = torch.linalg.vector_norm(z, dim=1, keepdim=True)
+    unit = z / n.clamp_min(1e-30)
+    return unit if fallback is None else torch.where(n > 0, unit, fallback)
+
+
+def _div(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+def _mul(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a * b if a is not None and b is not None else None

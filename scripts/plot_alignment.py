@@ -1,0 +1,176 @@
+"""Alignment panels over training steps, in the style of Figures 3, 4, 5 and 8 of seeds/002.
+
+    python scripts/plot_alignment.py RUN_DIR [RUN_DIR ...] [--layer layers.13.feed_forward.w1] [--out PREFIX]
+
+Reads each run's metrics.jsonl (the `probe/<layer>/<metric>` records of lingua_wd/probes.py) and
+config.yaml (width and hyperparameters for the labels and the fan-in C), one line per run, and
+draws the theory next to the measurements (dashed, in the run's colour):
+relative update vs its equilibrium sqrt(2 eta lambda - eta^2 lambda^2) (eq 36), weight RMS vs
+sqrt(eta / (2 lambda)) (eq 33), weight alignment vs 1/sqrt(C) (its value at init), alignment ratio
+vs muP's assumption sqrt(C) (eq 5) and 1 (what the paper measures later), update alignment vs
+1/sqrt(C) (its large-batch value, App. E). The last panel is Figure 5's ratio of each run's
+relative update to the first run's (the warmup effect s_t, eq 38). Writes PREFIX.png and PREFIX.pdf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+PAPER_LAYER = "layers.13.feed_forward.w1"  # the layer of the paper's figures (App. G.3.2)
+# panel: (metric, title, log y)
+PANELS = [
+    ("rel_update", r"relative update $\|\Delta W\| / \|W\|$", True),
+    ("rrc", r"relative repr. change $\|\Delta Y\| / \|Y\|$ (eq 4)", True),
+    ("align_ratio", r"alignment ratio $\alpha_{\Delta W} / \alpha_W$", True),
+    ("weight_align", r"weight alignment $\alpha_W$", True),
+    ("update_align", r"update alignment $\alpha_{\Delta W}$ (eq 2)", True),
+    ("weight_rms", r"weight RMS $\|W\| / \sqrt{KC}$", True),
+    ("sigma_max", r"top singular value $\sigma_1(W)$", True),
+    ("update_ratio", "relative update / first run's (Fig. 5, eq 38)", False),
+]
+
+
+def load_run(run_dir: Path) -> tuple[list[dict], dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    cfg_path = run_dir / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+    return records, cfg or {}
+
+
+def probed_layers(records: list[dict]) -> list[str]:
+    seen: dict[str, None] = {}
+    for r in records:
+        for key in r:
+            if key.startswith("probe/"):
+                seen[key[len("probe/") :].rsplit("/", 1)[0]] = None
+    return list(seen)
+
+
+def pick_layer(runs: list[tuple[list[dict], dict]], wanted: str | None) -> str:
+    """The requested layer, else the paper's layer, else the first layer every run probed."""
+    common = set.intersection(*(set(probed_layers(r)) for r, _ in runs)) if runs else set()
+    if wanted:
+        if wanted not in common:
+            raise SystemExit(f"--layer {wanted}: not probed in every run (have {', '.join(sorted(common)) or 'none'})")
+        return wanted
+    if PAPER_LAYER in common:
+        return PAPER_LAYER
+    order = [lay for lay in probed_layers(runs[0][0]) if lay in common]
+    if not order:
+        raise SystemExit("no probed layer common to all runs (turn probes on: probes.layers=[...])")
+    return order[0]
+
+
+def series(records: list[dict], layer: str, metric: str, drop_last: float) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric; the last `drop_last` share of the run is cut (the paper drops
+    the final 0.5%: updates go to zero with the LR)."""
+    key = f"probe/{layer}/{metric}"
+    pts = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
+    if not pts:
+        return [], []
+    last = max(r["step"] for r in records if "step" in r)
+    pts = [(s, v) for s, v in pts if s <= last * (1 - drop_last)] or pts
+    steps, values = zip(*pts, strict=True)
+    return list(steps), list(values)
+
+
+def fan_in(layer: str, cfg: dict) -> int | None:
+    """C of a llama linear from the model config (w2 reads the 3d-wide MLP hidden, the rest d)."""
+    model = cfg.get("model", {})
+    dim = model.get("dim")
+    if not dim or layer.startswith("median/"):
+        return None
+    return dim * model.get("ffn_mult", 3) if layer.endswith("feed_forward.w2") else dim
+
+
+def label(run_dir: Path, cfg: dict) -> str:
+    model, optim, scaling = cfg.get("model", {}), cfg.get("optim", {}), cfg.get("scaling", {})
+    if not model:
+        return run_dir.name
+    rule = "sp" if scaling.get("mode", "sp") == "sp" else f"muP/{scaling.get('wd_mode')}"
+    return f"d={model.get('dim')} lr={optim.get('lr'):.3g} wd={optim.get('weight_decay'):.3g} {rule}"
+
+
+def plot(run_dirs: list[Path], layer: str | None, out: Path, drop_last: float, labels: list[str] | None) -> str:
+    runs = [load_run(d) for d in run_dirs]
+    layer = pick_layer(runs, layer)
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5), constrained_layout=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    base: dict[int, float] = {}
+    for i, (run_dir, (records, cfg)) in enumerate(zip(run_dirs, runs, strict=True)):
+        color, name = colors[i % len(colors)], (labels[i] if labels else label(run_dir, cfg))
+        C = fan_in(layer, cfg)
+        for ax, (metric, _, _) in zip(axes.flat, PANELS, strict=True):
+            if metric == "update_ratio":
+                steps, rel = series(records, layer, "rel_update", drop_last)
+                if i == 0:
+                    base = dict(zip(steps, rel, strict=True))
+                pts = [(s, v / base[s]) for s, v in zip(steps, rel, strict=True) if base.get(s)]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), color=color, lw=1.2, label=name)
+                continue
+            steps, values = series(records, layer, metric, drop_last)
+            ax.plot(steps, values, color=color, lw=1.2, label=name)
+            theory(ax, metric, records, layer, drop_last, C, color)
+    for ax, (_, title, logy) in zip(axes.flat, PANELS, strict=True):
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("step")
+        if logy and any(line.get_ydata().size and min(line.get_ydata()) > 0 for line in ax.get_lines()):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes.flat[2].axhline(1.0, color="gray", lw=0.8, ls=":")
+    axes.flat[-1].axhline(1.0, color="gray", lw=0.8, ls=":")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"{layer}: measured (solid) and theory (dashed)", fontsize=13)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for ext in ("png", "pdf"):
+        fig.savefig(with_ext(out, ext), dpi=130)
+    plt.close(fig)
+    return layer
+
+
+def theory(ax, metric: str, records: list[dict], layer: str, drop_last: float, C: int | None, color: str) -> None:
+    """The theory line of a panel, dashed in the run's colour."""
+    eq = {"rel_update": "eq_rel_update", "weight_rms": "eq_weight_rms"}.get(metric)
+    if eq:  # the simple RMS model's equilibrium at the current LR and WD (eq 33, 36)
+        steps, values = series(records, layer, eq, drop_last)
+        ax.plot(steps, values, color=color, lw=1.0, ls="--")
+    elif C and metric in ("weight_align", "update_align"):
+        ax.axhline(1 / math.sqrt(C), color=color, lw=1.0, ls="--")  # 1/sqrt(C): init (alpha_W), B >> C (App. E)
+    elif C and metric == "align_ratio":
+        ax.axhline(math.sqrt(C), color=color, lw=1.0, ls="--")  # muP's assumption Theta(sqrt(C)), eq 5
+
+
+def with_ext(prefix: Path, ext: str) -> Path:
+    return prefix.parent / f"{prefix.name}.{ext}"  # not with_suffix: layer names contain dots
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="run directories (metrics.jsonl, config.yaml)")
+    ap.add_argument("--layer", help=f"probed layer or median/<class> (default {PAPER_LAYER} or the first probed)")
+    ap.add_argument("--out", type=Path, help="output prefix (default RUN_DIR/alignment_<layer>)")
+    ap.add_argument("--drop-last", type=float, default=0.005, help="share of the final steps left out (paper: 0.5%%)")
+    ap.add_argument("--labels", nargs="+", help="one legend label per run (default from config.yaml)")
+    args = ap.parse_args(argv)
+    if args.labels and len(args.labels) != len(args.runs):
+        raise SystemExit("--labels: give one label per run")
+    out = args.out
+    if out is None:
+        layer = pick_layer([load_run(d) for d in args.runs], args.layer)
+        out = args.runs[0] / f"alignment_{layer.replace('/', '_')}"
+    layer = plot(args.runs, args.layer, out, args.drop_last, args.labels)
+    print(f"{layer}: wrote {with_ext(out, 'png')} and {with_ext(out, 'pdf')}")
+
+
+if __name__ == "__main__":
+    main()
