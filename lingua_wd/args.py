@@ -7,6 +7,7 @@ misspelt key, a wrong type or an invalid value stops the run before any work is 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -83,3 +84,21 @@ def check(cond: bool, key: str, msg: str) -> None:
     """Raise a one-line `ConfigError` naming `key` unless `cond` holds."""
     if not cond:
         raise ConfigError(f"{key}: {msg}")
+
+
+def run_cli(argv: list[str], doc: str, body: Callable[[list[str]], None]) -> int:
+    """The shared shape of the small CLIs: -h prints the module doc, logging to the console, a
+    ConfigError becomes `config error: ...` on stderr and exit code 2."""
+    import logging
+    import sys
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(doc)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
+    try:
+        body(argv)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    return 0

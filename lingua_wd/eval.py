@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from lingua_wd.args import ConfigError, check, parse_args
+from lingua_wd.args import check, parse_args, run_cli
 from lingua_wd.data import val_batches
 from lingua_wd.export import DTYPES, load_model, positional
 from lingua_wd.loss import reference_cross_entropy
@@ -64,7 +64,9 @@ def evaluate_path(args: EvalArgs) -> dict:
     for rank in range(world):  # each rank's share, as the trainer's ranks see it
         batches = val_batches(data, loaded.tokenizer, rank, world, n)
         check(len(batches) > 0, "val_sources", f"{data.val_sources} gives rank {rank} of {world} no micro-batch")
-        total = sum(reference_cross_entropy(loaded.forward(b[:, :-1].to(device)), b[:, 1:].to(device)).item() for b in batches)
+        total = sum(
+            reference_cross_entropy(loaded.forward(b[:, :-1].to(device)), b[:, 1:].to(device)).item() for b in batches
+        )
         per_rank.append(total / len(batches))
         tokens += sum(b[:, 1:].numel() for b in batches)
     loss = sum(per_rank) / world
@@ -80,17 +82,9 @@ def evaluate_path(args: EvalArgs) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
-    try:
-        result = evaluate_path(parse_args(EvalArgs, positional(argv, ("path",))))
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+    return run_cli(
+        argv, __doc__, lambda a: print(json.dumps(evaluate_path(parse_args(EvalArgs, positional(a, ("path",))))))
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lingua_wd import checkpoint as ckpt
-from lingua_wd.args import ConfigError, check, parse_args
+from lingua_wd.args import ConfigError, check, parse_args, run_cli
 from lingua_wd.data import DataArgs, build_tokenizer
 from lingua_wd.model import ModelArgs, Transformer, rope_tables
 
@@ -519,20 +519,14 @@ def positional(argv: list[str], names: tuple[str, ...]) -> list[str]:
     return out
 
 
+def _main(argv: list[str]) -> None:
+    args = parse_args(ExportArgs, positional(argv, ("ckpt_dir", "out_dir")))
+    check_export_args(args)
+    export(args)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
-    try:
-        args = parse_args(ExportArgs, positional(argv, ("ckpt_dir", "out_dir")))
-        check_export_args(args)
-        export(args)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(sys.argv[1:] if argv is None else argv, __doc__, _main)
 
 
 if __name__ == "__main__":

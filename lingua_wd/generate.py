@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from lingua_wd.args import ConfigError, check, parse_args
+from lingua_wd.args import check, parse_args, run_cli
 from lingua_wd.eval import pick_device
 from lingua_wd.export import DTYPES, load_model, positional
 
@@ -119,26 +119,19 @@ def generate_text(args: GenerateArgs) -> list[str]:
     return [args.prompt + tok.decode(ids) for ids in samples]
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
+def _main(argv: list[str]) -> None:
     prompts = [a.split("=", 1)[1] for a in argv if a.startswith("prompt=")]  # verbatim: no YAML parsing
-    rest = [a for a in argv if not a.startswith("prompt=")]
-    try:
-        args = parse_args(GenerateArgs, positional(rest, ("path",)))
-        args.prompt = prompts[-1] if prompts else args.prompt
-        texts = generate_text(args)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    args = parse_args(GenerateArgs, positional([a for a in argv if not a.startswith("prompt=")], ("path",)))
+    args.prompt = prompts[-1] if prompts else args.prompt
+    texts = generate_text(args)
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i}")
         print(text)
-    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run_cli(sys.argv[1:] if argv is None else argv, __doc__, _main)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,647 @@
+"""Sweeps: a base trainer config + a grid over dotted keys -> one resolved config per run.
+
+A sweep YAML names a base config (a path or an inline mapping), overrides for every run, and a grid:
+```
+grid:
+  model.dim: [128, 256, 512]                 # a list is one axis
+  optim.lr: {logspace: [1.0e-3, 6.4e-2, 7]}  # log-spaced range, ends included (factors of 2 here)
+  wd:                                        # a zipped group: its keys move together
+    zip: {scaling.wd_mode: [standard, none], optim.weight_decay: [0.1, 0.0]}
+```
+The runs are the product of the axes (first axis slowest). Each run gets a readable name built from its
+values (`d128_lr8e-3_standard`), a config `<sweep>/configs/<name>.yaml` and a dump dir `<sweep>/runs/<name>`,
+all listed in `<sweep>/manifest.json`. The code is copied into `<sweep>/code` once (as lingua's stool does),
+and every run executes that copy, so editing the tree does not change queued runs.
+
+Launchers: `local` (one run after another), `local_parallel` (one run per visible GPU, or `local.jobs` CPU
+runs), `slurm` (one array job `--array=0-N%K` rendered from `slurm/array.sbatch`; each task runs torchrun
+across its nodes and requeues itself when signalled before the time limit). Finished runs (a DONE file)
+are skipped; runs with a checkpoint resume (the trainer resumes from the newest checkpoint in its dump dir).
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from lingua_wd.args import ConfigError, check, load_config, parse_args
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SNAPSHOT_ITEMS = ("lingua_wd", "apps", "configs", "slurm", "pyproject.toml")
+PREEMPTED = 75  # trainer exit code: stopped by a signal after saving a checkpoint (contracts.md)
+LAUNCHERS = ("local", "local_parallel", "slurm")
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # not inherited
+
+
+@dataclass
+class LocalArgs:
+    jobs: int = 0  # local_parallel: runs at a time (0: one per visible GPU group of `nproc`)
+    nproc: int = 1  # processes per run (> 1: torchrun --standalone --nproc_per_node=nproc)
+    threads: int = 0  # OMP_NUM_THREADS per run on CPU (0: CPU cores / jobs)
+
+
+@dataclass
+class SlurmArgs:
+    template: str = "slurm/array.sbatch"  # sbatch template ({{key}} placeholders), relative to the code root
+    partition: str = ""  # --partition ("" = cluster default)
+    account: str = ""  # --account ("" = none)
+    qos: str = ""  # --qos ("" = none)
+    time: str = "24:00:00"  # --time limit of one array task
+    nodes: int = 1  # nodes per run; torchrun spans them
+    gpus_per_node: int = 8  # GPUs per node (= torchrun --nproc_per_node)
+    cpus_per_task: int = 32  # CPUs per node (one task per node runs torchrun)
+    mem: str = ""  # --mem per node ("" = cluster default, "0" = all)
+    max_parallel: int = 0  # K in --array=0-N%K: runs at a time (0 = no limit)
+    signal_s: int = 300  # SIGUSR1 this many seconds before the time limit: checkpoint, then requeue
+    max_requeues: int = 20  # stop requeueing a task after this many restarts
+    setup: str = ""  # shell lines run before torchrun (module load, source .venv/bin/activate)
+    torchrun: str = "torchrun"  # the torchrun command
+    extra: list[str] = field(default_factory=list)  # more sbatch options, e.g. ["--constraint=h100"]
+    submit: bool = True  # run sbatch (false: only write <sweep>/submit.sbatch)
+
+
+@dataclass
+class ReportArgs:
+    x: str = "optim.lr"  # dotted key on the x axis (log scale)
+    line: str = "model.dim"  # dotted key with one line per value (the width)
+    panel: str = "scaling.wd_mode"  # dotted key(s), comma-separated, with one panel per value
+    average: list[str] = field(default_factory=lambda: ["seed"])  # keys averaged over (seeds)
+    last_n: int = 100  # final loss = mean training loss over the last N steps (the paper: 100)
+    base_dim: int = 0  # width of multiplier m = 1 (0: scaling.base_dim of the runs, else the smallest width)
+    alignment_runs: list[str] = field(default_factory=list)  # run names whose probe metrics are plotted too
+
+
+@dataclass
+class SweepArgs:
+    name: str = ""  # sweep name; its dir is <dump_root>/<name>
+    dump_root: str = "dumps/sweeps"  # where sweep dirs are created
+    base: Any = None  # trainer config: a YAML path (cwd, code root, then this file's dir) or an inline mapping
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted key -> value, set in every run
+    grid: dict[str, Any] = field(default_factory=dict)  # dotted key -> list, range or {zip: {key: list}}
+    short: dict[str, str] = field(default_factory=dict)  # dotted key -> short name in run names (adds to SHORT)
+    launcher: str = "local"  # local | local_parallel | slurm
+    validate: bool = True  # check every run config against the trainer's TrainArgs before launching
+    local: LocalArgs = field(default_factory=LocalArgs)
+    slurm: SlurmArgs = field(default_factory=SlurmArgs)
+    report: ReportArgs = field(default_factory=ReportArgs)
+
+
+# Short names of common keys in run names; "" writes the value alone. Other keys use their last component.
+SHORT = {
+    "model.dim": "d",
+    "model.n_layers": "L",
+    "optim.lr": "lr",
+    "optim.weight_decay": "wd",
+    "scaling.mode": "",
+    "scaling.wd_mode": "",
+    "seed": "s",
+    "steps": "T",
+    "data.batch_size": "B",
+}
+
+
+@dataclass
+class Run:
+    index: int  # position in the manifest
+    name: str  # readable, deterministic, unique in the sweep
+    params: dict[str, Any]  # dotted key -> grid value of this run
+
+
+# ----------------------------------------------------------------------------- grid expansion
+
+
+def _round(v: Any) -> Any:
+    """Round range values to 6 significant digits so 1e-3 * 2**3 is 8e-3 (stable names and configs)."""
+    return float(f"{v:.6g}") if isinstance(v, float) else v
+
+
+def _range(key: str, spec: dict) -> list:
+    check(len(spec) == 1, key, f"a range takes one of logspace / geomspace / linspace, got {sorted(spec)}")
+    kind, a = next(iter(spec.items()))
+    check(isinstance(a, (list, tuple)) and len(a) == 3, f"{key}.{kind}", "expects [start, stop_or_factor, num]")
+    start, second, num = float(a[0]), float(a[1]), int(a[2])
+    check(num >= 1, f"{key}.{kind}", f"num must be >= 1, got {num}")
+    if kind == "logspace":  # [start, stop, num], both ends included
+        check(start > 0 and second > 0, f"{key}.logspace", "start and stop must be positive")
+        ratio = (second / start) ** (1 / (num - 1)) if num > 1 else 1.0
+        return [_round(start * ratio**i) for i in range(num)]
+    if kind == "geomspace":  # [start, factor, num]
+        return [_round(start * second**i) for i in range(num)]
+    if kind == "linspace":  # [start, stop, num]
+        step = (second - start) / (num - 1) if num > 1 else 0.0
+        return [_round(start + step * i) for i in range(num)]
+    raise ConfigError(f"{key}: unknown range {kind!r} (choose from logspace, geomspace, linspace)")
+
+
+def axis_values(key: str, spec: Any) -> list:
+    """The values of one grid axis: a list, a range mapping, or a scalar (one value)."""
+    if isinstance(spec, dict):
+        return _range(key, spec)
+    values = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    check(len(values) > 0, key, "an empty list gives no runs")
+    return [_round(v) for v in values]
+
+
+def expand_axis(key: str, spec: Any) -> list[dict[str, Any]]:
+    """One axis as a list of assignments {dotted key: value}; a zipped group assigns several keys at once."""
+    if isinstance(spec, dict) and "zip" in spec:
+        check(len(spec) == 1 and isinstance(spec["zip"], dict), f"grid.{key}", "a zipped group is {zip: {key: values}}")
+        cols = {k: axis_values(f"grid.{key}.zip.{k}", v) for k, v in spec["zip"].items()}
+        check(len(cols) > 0, f"grid.{key}.zip", "is empty")
+        lens = {k: len(v) for k, v in cols.items()}
+        check(len(set(lens.values())) == 1, f"grid.{key}.zip", f"lists differ in length: {lens}")
+        n = next(iter(lens.values()))
+        return [{k: cols[k][i] for k in cols} for i in range(n)]
+    return [{key: v} for v in axis_values(f"grid.{key}", spec)]
+
+
+def format_value(v: Any) -> str:
+    """Compact, file-name-safe text of a value: 0.008 -> 8e-3, 0.016 -> 1.6e-2, 128 -> 128."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        if v == 0 or math.isfinite(v) and 0.1 <= abs(v) < 1e4:
+            return f"{v:.4g}"
+        exp = math.floor(math.log10(abs(v)))
+        mant = v / 10**exp
+        if round(mant, 3) >= 10:  # 9.9996e-3 rounds up to 1e-2
+            mant, exp = mant / 10, exp + 1
+        return f"{mant:.4g}e{exp}"
+    return re.sub(r"[^A-Za-z0-9.+-]", "-", str(v))
+
+
+def run_name(assignments: list[dict[str, Any]], short: dict[str, str]) -> str:
+    """Name from each axis's first key: `d128_lr8e-3_independent`. A zipped group shows its first key."""
+    parts = []
+    for a in assignments:
+        key, value = next(iter(a.items()))
+        prefix = short.get(key, key.rsplit(".", 1)[-1])
+        text = format_value(value)
+        parts.append(f"{prefix}-{text}" if prefix and not isinstance(value, (int, float)) else prefix + text)
+    return "_".join(parts) or "run"
+
+
+def expand_grid(grid: dict[str, Any], short: dict[str, str] | None = None) -> list[Run]:
+    """All runs of the grid, first axis slowest, with unique readable names."""
+    short = {**SHORT, **(short or {})}
+    axes = [expand_axis(k, v) for k, v in grid.items()]
+    runs = []
+    for i, combo in enumerate(itertools.product(*axes)):
+        params = {k: v for a in combo for k, v in a.items()}
+        runs.append(Run(index=i, name=run_name(list(combo), short), params=params))
+    names = [r.name for r in runs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    check(not dup, "grid", f"run names collide ({dup[:3]}); give the keys distinct names under `short`")
+    return runs
+
+
+# ----------------------------------------------------------------------------- configs and manifest
+
+
+def load_sweep(path: str | os.PathLike, overrides: list[str] | None = None) -> SweepArgs:
+    """Sweep YAML <- dotted overrides (`launcher=slurm slurm.partition=gpu`); `name` defaults to the file stem."""
+    check(Path(path).is_file(), "sweep", f"no such file {path}")
+    args = parse_args(SweepArgs, [f"config={path}", *(overrides or [])])
+    args.name = args.name or Path(path).stem
+    check(args.launcher in LAUNCHERS, "launcher", f"unknown launcher {args.launcher!r} (choose from {LAUNCHERS})")
+    check(re.fullmatch(r"[A-Za-z0-9._+-]+", args.name) is not None, "name", f"{args.name!r} is not file-name safe")
+    check(len(args.grid) > 0, "grid", "is empty: name at least one key to sweep")
+    return args
+
+
+def base_config(args: SweepArgs, sweep_file: str | os.PathLike | None) -> DictConfig:
+    """The base trainer config as a DictConfig (a path is looked up in the cwd, the code root, the sweep's dir)."""
+    if args.base is None or args.base == "":
+        return OmegaConf.create({})
+    if isinstance(args.base, (dict, DictConfig)):
+        return OmegaConf.create(args.base)
+    check(isinstance(args.base, str), "base", "must be a YAML path or a mapping")
+    here = Path(sweep_file).resolve().parent if sweep_file else Path.cwd()
+    for root in (Path.cwd(), REPO_ROOT, here):
+        path = root / Path(args.base).expanduser()
+        if path.is_file():
+            return OmegaConf.load(path)
+    raise ConfigError(f"base: no such file {args.base} (looked in the cwd, {REPO_ROOT} and {here})")
+
+
+def run_config(base: DictConfig, args: SweepArgs, run: Run, sweep_dir: Path) -> DictConfig:
+    """base <- overrides <- the run's grid values; dump_dir and name point into the sweep dir."""
+    cfg = OmegaConf.create(OmegaConf.to_container(base, resolve=False))
+    for key, value in [*args.overrides.items(), *run.params.items()]:
+        OmegaConf.update(cfg, key, value, force_add=True)
+    cfg.dump_dir = str(sweep_dir / "runs" / run.name)
+    cfg.name = f"{args.name}/{run.name}"
+    return cfg
+
+
+def train_args_class() -> Any:
+    """The trainer's TrainArgs, or None while the trainer module is not importable."""
+    try:
+        from lingua_wd.train import TrainArgs  # noqa: PLC0415 (the trainer is heavy and optional here)
+    except ImportError:
+        return None
+    return TrainArgs
+
+
+def resolve_with_trainer(cfg: DictConfig, run_name_: str) -> DictConfig:
+    """Merge into the trainer's structured defaults so a misspelt key fails now, not on the cluster."""
+    cls = train_args_class()
+    if cls is None:
+        return cfg
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{run_name_}.yaml"
+        path.write_text(OmegaConf.to_yaml(cfg))
+        try:
+            return load_config(cls, [f"config={path}"])
+        except ConfigError as err:
+            raise ConfigError(f"{err} (run {run_name_})") from None
+
+
+def changed_keys(old: DictConfig, new: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted keys set in `new` whose value in `old` differs (keys only in `old`, e.g. defaults, are ignored)."""
+    out = []
+    for key, value in new.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, DictConfig):
+            sub = old.get(key) if key in old else None
+            out += changed_keys(sub, value, f"{full}.") if isinstance(sub, DictConfig) else [full]
+        elif key not in old or old[key] != value:
+            out.append(full)
+    return out
+
+
+def run_state(dump_dir: str | os.PathLike) -> str:
+    """done (DONE file) | resume (a complete checkpoint) | started (metrics, no checkpoint) | new."""
+    d = Path(dump_dir)
+    if (d / "DONE").is_file():
+        return "done"
+    ckpt = d / "checkpoints"
+    if ckpt.is_dir() and any(p.is_dir() and p.name.isdigit() for p in ckpt.iterdir()):
+        return "resume"
+    return "started" if (d / "metrics.jsonl").is_file() else "new"
+
+
+def snapshot_code(dest: Path, src: Optional[Path] = None) -> None:
+    """Copy the package, apps, configs and templates to dest (stool-style), with the git commit if any."""
+    src = src or REPO_ROOT
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for item in SNAPSHOT_ITEMS:
+        p = src / item
+        if p.is_dir():
+            shutil.copytree(p, tmp / item, ignore=ignore)
+        elif p.is_file():
+            shutil.copy2(p, tmp / item)
+    info = {"source": str(src), "time": _now(), **_git_info(src)}
+    (tmp / "SNAPSHOT.json").write_text(json.dumps(info, indent=1))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def _git_info(src: Path) -> dict:
+    def git(*a: str) -> str:
+        out = subprocess.run(["git", "-C", str(src), *a], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def prepare(
+    args: SweepArgs,
+    sweep_file: str | os.PathLike | None = None,
+    src: Optional[Path] = None,
+    resnapshot: bool = False,
+    write: bool = True,
+) -> tuple[Path, dict]:
+    """Expand the grid, write configs/, manifest.json, sweep.yaml and the code snapshot; return (dir, manifest).
+
+    Re-running on an existing sweep dir keeps its snapshot (unless `resnapshot`) and adds new grid points;
+    a run that already started must keep its config, so changing it is an error, not a silent restart.
+    """
+    sweep_dir = (Path(args.dump_root).expanduser() / args.name).resolve()
+    runs = expand_grid(args.grid, args.short)
+    base = base_config(args, sweep_file)
+    manifest = {
+        "name": args.name,
+        "sweep_dir": str(sweep_dir),
+        "code_dir": str(sweep_dir / "code"),
+        "workdir": str(Path.cwd()),
+        "created": _now(),
+        "axes": list(args.grid),
+        "axis_keys": [list(expand_axis(k, v)[0]) for k, v in args.grid.items()],
+        "runs": [],
+    }
+    configs = {}
+    for run in runs:
+        raw = run_config(base, args, run, sweep_dir)
+        cfg = resolve_with_trainer(raw, run.name) if args.validate else raw
+        configs[run.name] = (raw, OmegaConf.to_yaml(cfg))
+        entry = {"index": run.index, "name": run.name, "params": run.params}
+        entry |= {"config": f"configs/{run.name}.yaml", "dump_dir": f"runs/{run.name}"}
+        manifest["runs"].append(entry)
+    if not write:
+        return sweep_dir, manifest
+    for name, (raw, _) in configs.items():
+        path = sweep_dir / "configs" / f"{name}.yaml"
+        if path.is_file() and run_state(sweep_dir / "runs" / name) != "new":
+            diff = changed_keys(OmegaConf.load(path), raw)
+            check(not diff, "grid", f"run {name} already started with other values of {diff}; use a new sweep name")
+    (sweep_dir / "configs").mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "logs").mkdir(exist_ok=True)
+    for name, (_, text) in configs.items():
+        (sweep_dir / "configs" / f"{name}.yaml").write_text(text)
+    (sweep_dir / "sweep.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(args)))
+    if resnapshot or not (sweep_dir / "code").is_dir():
+        snapshot_code(sweep_dir / "code", src)
+    _write_json(sweep_dir / "manifest.json", manifest)
+    return sweep_dir, manifest
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def load_manifest(sweep_dir: str | os.PathLike) -> dict:
+    path = Path(sweep_dir) / "manifest.json"
+    check(path.is_file(), "sweep_dir", f"{sweep_dir} has no manifest.json (not a sweep dir)")
+    return json.loads(path.read_text())
+
+
+def pending_runs(sweep_dir: str | os.PathLike, manifest: dict) -> list[dict]:
+    """Runs without a DONE file, in manifest order: SLURM array index i runs pending_runs(...)[i]."""
+    return [r for r in manifest["runs"] if run_state(Path(sweep_dir) / r["dump_dir"]) != "done"]
+
+
+# ----------------------------------------------------------------------------- local launchers
+
+
+def train_command(manifest: dict, run: dict, nproc: int = 1) -> list[str]:
+    """The command that trains one run from the code snapshot; resume is the trainer's (newest checkpoint)."""
+    script = str(Path(manifest["code_dir"]) / "apps" / "train.py")
+    config = f"config={Path(manifest['sweep_dir']) / run['config']}"
+    if nproc > 1:
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            script,
+            config,
+        ]
+    return [sys.executable, script, config]
+
+
+def run_env(manifest: dict, devices: Optional[list[int]], threads: int) -> dict[str, str]:
+    """PYTHONPATH puts the snapshot first, so `import lingua_wd` is the copy the sweep was launched with."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (manifest["code_dir"], env.get("PYTHONPATH", "")) if p)
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def visible_gpus() -> list[int]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [int(x) for x in env.split(",") if x.strip().isdigit()]
+    try:
+        import torch  # noqa: PLC0415
+
+        return list(range(torch.cuda.device_count()))
+    except ImportError:
+        return []
+
+
+class _Stopper:
+    """SIGINT/SIGTERM to the launcher: ask every running trainer to checkpoint (SIGTERM) and start no more."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.procs: list[subprocess.Popen] = []
+        self.old = {}
+
+    def __enter__(self) -> _Stopper:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.stop = True
+        print(f"[sweep] signal {signum}: stopping runs (they checkpoint; run the sweep again to resume)", flush=True)
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+
+def launch_local(sweep_dir: Path, manifest: dict, args: LocalArgs, parallel: bool = False) -> dict[str, int]:
+    """Run every unfinished run here; returns name -> exit code (skipped runs are absent).
+
+    Sequential by default; `parallel` runs one per GPU group of `nproc` GPUs (or `jobs` CPU runs at once).
+    Each trainer gets its own session, so a Ctrl-C reaches only this launcher, which forwards SIGTERM.
+    """
+    todo = pending_runs(sweep_dir, manifest)
+    gpus = visible_gpus()
+    slots: list[Optional[list[int]]]
+    if parallel and gpus:
+        groups = [gpus[i : i + args.nproc] for i in range(0, len(gpus) - args.nproc + 1, args.nproc)]
+        slots = list(groups[: args.jobs or len(groups)])
+    elif parallel:
+        check(args.jobs > 0, "local.jobs", "no GPU is visible: set local.jobs to the number of CPU runs at a time")
+        slots = [None] * args.jobs
+    else:
+        slots = [gpus[: args.nproc] if gpus else None]
+    threads = args.threads or (max(1, (os.cpu_count() or 1) // len(slots)) if not gpus else 0)
+    codes: dict[str, int] = {}
+    running: list[tuple[subprocess.Popen, dict, Optional[list[int]], Any]] = []
+    print(f"[sweep] {len(todo)} of {len(manifest['runs'])} runs to train, {len(slots)} at a time", flush=True)
+    with _Stopper() as stopper:
+        while (todo and not stopper.stop) or running:
+            while todo and slots and not stopper.stop:
+                run, dev = todo.pop(0), slots.pop(0)
+                run_dir = sweep_dir / run["dump_dir"]
+                run_dir.mkdir(parents=True, exist_ok=True)
+                state = run_state(run_dir)
+                log = open(run_dir / "train.log", "a")  # noqa: SIM115 (closed when the run ends)
+                cmd = train_command(manifest, run, args.nproc)
+                print(f"[sweep] start {run['name']} ({state}) -> {run_dir}/train.log", flush=True)
+                proc = subprocess.Popen(
+                    cmd, cwd=manifest["workdir"], env=run_env(manifest, dev, threads),
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                )  # fmt: skip
+                stopper.procs.append(proc)
+                running.append((proc, run, dev, log))
+            time.sleep(0.2)
+            for item in [x for x in running if x[0].poll() is not None]:
+                proc, run, dev, log = item
+                running.remove(item)
+                stopper.procs.remove(proc)
+                log.close()
+                slots.append(dev)
+                codes[run["name"]] = proc.returncode
+                what = {0: "finished", PREEMPTED: "stopped after a checkpoint"}.get(proc.returncode, "FAILED")
+                print(f"[sweep] {run['name']}: {what} (exit {proc.returncode})", flush=True)
+    return codes
+
+
+# ----------------------------------------------------------------------------- SLURM
+
+
+def render_template(text: str, values: dict[str, Any]) -> str:
+    """Replace `{{key}}` placeholders (bash keeps its own ${...}); an unknown or unused key is an error."""
+    used = set(re.findall(r"\{\{(\w+)\}\}", text))
+    missing = sorted(used - set(values))
+    check(not missing, "slurm.template", f"no value for placeholders {missing}")
+    unused = sorted(set(values) - used)
+    check(not unused, "slurm.template", f"the template lacks placeholders {unused}")
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: str(values[m.group(1)]), text)
+
+
+def sbatch_values(manifest: dict, runs: list[dict], args: SlurmArgs, job_name: str) -> dict[str, Any]:
+    """Placeholder values for the template; the run names are embedded, so array index i is runs[i]."""
+    check(args.nodes >= 1, "slurm.nodes", f"must be >= 1, got {args.nodes}")
+    check(args.gpus_per_node >= 1, "slurm.gpus_per_node", f"must be >= 1, got {args.gpus_per_node}")
+    check(args.signal_s >= 0, "slurm.signal_s", f"must be >= 0, got {args.signal_s}")
+    array = f"0-{len(runs) - 1}" + (f"%{args.max_parallel}" if args.max_parallel > 0 else "")
+    options = [("partition", args.partition), ("account", args.account), ("qos", args.qos), ("mem", args.mem)]
+    lines = [f"#SBATCH --{k}={v}" for k, v in options if v] + [f"#SBATCH {e}" for e in args.extra]
+    return {
+        "job_name": job_name,
+        "array": array,
+        "nodes": args.nodes,
+        "gpus_per_node": args.gpus_per_node,
+        "cpus_per_task": args.cpus_per_task,
+        "time": args.time,
+        "signal_s": args.signal_s,
+        "sbatch_options": "\n".join(lines) if lines else "# (no partition / account / qos / mem / extra options)",
+        "sweep_dir": manifest["sweep_dir"],
+        "code_dir": manifest["code_dir"],
+        "workdir": manifest["workdir"],
+        "runs": "\n".join(f"  {r['name']}" for r in runs),
+        "n_runs": len(runs),
+        "setup": args.setup.strip() or "# (slurm.setup is empty)",
+        "torchrun": args.torchrun,
+        "max_requeues": args.max_requeues,
+    }
+
+
+def write_sbatch(sweep_dir: Path, manifest: dict, args: SlurmArgs) -> tuple[Path, int]:
+    """Render <sweep>/submit.sbatch over the unfinished runs; returns (path, number of array tasks)."""
+    runs = pending_runs(sweep_dir, manifest)
+    if not runs:
+        return sweep_dir / "submit.sbatch", 0
+    template = Path(manifest["code_dir"]) / args.template
+    if not template.is_file():
+        template = REPO_ROOT / args.template
+    check(template.is_file(), "slurm.template", f"no such file {args.template}")
+    text = render_template(template.read_text(), sbatch_values(manifest, runs, args, manifest["name"]))
+    path = sweep_dir / "submit.sbatch"
+    path.write_text(text)
+    path.chmod(0o755)
+    return path, len(runs)
+
+
+def submit(path: Path) -> str:
+    """sbatch the array script; returns the job id."""
+    out = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"sbatch failed: {out.stderr.strip()}")
+    return out.stdout.strip().split(";")[0]
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def print_runs(sweep_dir: Path, manifest: dict) -> None:
+    print(f"sweep {manifest['name']}: {len(manifest['runs'])} runs in {sweep_dir}")
+    width = max(len(r["name"]) for r in manifest["runs"])
+    for r in manifest["runs"]:
+        state = run_state(sweep_dir / r["dump_dir"])
+        params = " ".join(f"{k}={v}" for k, v in r["params"].items())
+        print(f"  {r['index']:4d}  {r['name']:<{width}}  {state:<7}  {params}")
+
+
+USAGE = """usage: lingua-wd sweep SWEEP.yaml [key=value ...] [--dry-run] [--resnapshot]
+  SWEEP.yaml     a base trainer config + a grid over dotted keys (see docs/sweeps.md)
+  key=value      override a sweep field, e.g. launcher=slurm slurm.partition=gpu local.jobs=2
+  --dry-run      list the runs and their state (new / started / resume / done); with launcher=slurm,
+                 also write submit.sbatch without submitting
+  --resnapshot   refresh the code snapshot of an existing sweep dir (queued SLURM tasks see the new code)"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = {a for a in argv if a.startswith("--")}
+    rest = [a for a in argv if not a.startswith("--")]
+    if "--help" in flags or "-h" in argv or not rest:
+        print(USAGE)
+        return 0 if rest or "--help" in flags else 2
+    unknown = flags - {"--dry-run", "--resnapshot", "--help"}
+    try:
+        check(not unknown, "sweep", f"unknown flags {sorted(unknown)}")
+        args = load_sweep(rest[0], rest[1:])
+        dry = "--dry-run" in flags
+        if dry and args.launcher != "slurm":
+            sweep_dir, manifest = prepare(args, rest[0], write=False)
+            print_runs(sweep_dir, manifest)
+            return 0
+        sweep_dir, manifest = prepare(args, rest[0], resnapshot="--resnapshot" in flags)
+        print_runs(sweep_dir, manifest)
+        if args.launcher == "slurm":
+            path, n = write_sbatch(sweep_dir, manifest, args.slurm)
+            if n == 0:
+                print("[sweep] every run is finished: nothing to submit")
+            elif dry or not args.slurm.submit:
+                print(f"[sweep] wrote {path} ({n} array tasks); submit with: sbatch {path}")
+            else:
+                print(f"[sweep] submitted array job {submit(path)} ({n} tasks) from {path}")
+            return 0
+        codes = launch_local(sweep_dir, manifest, args.local, parallel=args.launcher == "local_parallel")
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    failed = sorted(n for n, c in codes.items() if c not in (0, PREEMPTED))
+    if failed:
+        print(f"[sweep] {len(failed)} runs failed: {failed} (logs: <run>/train.log)", file=sys.stderr)
+        return 1
+    if any(c == PREEMPTED for c in codes.values()) or pending_runs(sweep_dir, manifest):
+        print("[sweep] stopped early: run the same command again to resume", file=sys.stderr)
+        return PREEMPTED
+    print(f"[sweep] all runs finished; report with: lingua-wd report {sweep_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,683 @@
+"""Sweeps and the transfer report: grid expansion, names, manifest, snapshot, sbatch rendering (golden +
+`bash -n`), array index -> run, skip / resume, requeue on a signal, and a 4-run local sweep of the real
+trainer whose report finds one optimum per width.
+
+SLURM cannot run here: the rendered array script runs under bash with fake `srun`, `torchrun` and
+`scontrol` on PATH, which exercises everything in it but the scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from lingua_wd import report as rep
+from lingua_wd import sweep as sw
+from lingua_wd.args import ConfigError
+from lingua_wd.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "golden"
+
+# A stand-in trainer for launcher tests (the contract of contracts.md, nothing else): it resumes from the
+# newest checkpoints/<step> dir, logs {"step", "loss"} per step, saves a checkpoint and exits 75 on
+# SIGTERM / SIGUSR1 (or when FAKE_STOP_AT is reached, once), writes DONE at the end, and appends each call
+# to $FAKE_CALLS. Its loss has a known optimum: lr* = 1e-2 * (dim / 64) ** FAKE_SHIFT[wd_mode].
+FAKE_TRAIN = r"""
+import json, math, os, signal, sys, time
+from pathlib import Path
+from omegaconf import OmegaConf
+cfg = OmegaConf.load(next(a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("config=")))
+d = Path(cfg.dump_dir); d.mkdir(parents=True, exist_ok=True)
+ck = d / "checkpoints"
+done = sorted(int(p.name) for p in ck.iterdir()) if ck.is_dir() else []
+start = done[-1] if done else 0
+with open(os.environ["FAKE_CALLS"], "a") as f:
+    f.write(json.dumps({"run": d.name, "start": start, "argv": sys.argv, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\n")
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+signal.signal(signal.SIGUSR1, lambda *a: stop.append(1))
+(d / "started").write_text(str(os.getpid()))
+shift = json.loads(os.environ.get("FAKE_SHIFT", "{}")).get(str(cfg.scaling.wd_mode), 0.0)
+opt = 1e-2 * (cfg.model.dim / 64) ** shift
+stop_at = int(os.environ.get("FAKE_STOP_AT", "-1"))
+with open(d / "metrics.jsonl", "a") as f:
+    for step in range(start + 1, cfg.steps + 1):
+        time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+        loss = 3.0 + 0.1 * math.log(cfg.optim.lr / opt) ** 2 + 1.0 / step
+        f.write(json.dumps({"step": step, "loss": loss}) + "\n"); f.flush()
+        if stop or (step == stop_at and start == 0):
+            (ck / f"{step:010d}").mkdir(parents=True, exist_ok=True)
+            sys.exit(75)
+    f.write(json.dumps({"step": cfg.steps, "val/loss": loss + 0.05}) + "\n")
+(ck / f"{cfg.steps:010d}").mkdir(parents=True, exist_ok=True)
+(d / "DONE").write_text(json.dumps({"step": cfg.steps}))
+"""
+
+
+def write(path: Path, text: str, mode: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip())
+    if mode:
+        path.chmod(mode)
+    return path
+
+
+@pytest.fixture
+def fake_repo(tmp_path: Path) -> Path:
+    """A code root whose apps/train.py is the fake trainer (snapshotted like the real one)."""
+    src = tmp_path / "src"
+    write(src / "apps" / "train.py", FAKE_TRAIN)
+    write(src / "lingua_wd" / "__init__.py", "")
+    (src / "slurm").mkdir()
+    (src / "slurm" / "array.sbatch").write_text((ROOT / "slurm" / "array.sbatch").read_text())
+    return src
+
+
+@pytest.fixture
+def fake_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(sw, "visible_gpus", lambda: [])
+    return calls
+
+
+def calls_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def sweep_args(tmp_path: Path, grid: dict, **kw) -> sw.SweepArgs:
+    base = {"steps": 6, "model": {"dim": 64}, "optim": {"lr": 1e-3}, "scaling": {"wd_mode": "standard"}}
+    args = sw.SweepArgs(name="t", dump_root=str(tmp_path / "sweeps"), base=base, grid=grid, validate=False)
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+# ----------------------------------------------------------------------------- grid and names
+
+
+def test_grid_product_ranges_zip_and_stable_names():
+    grid = {
+        "model.dim": [64, 128],
+        "optim.lr": {"logspace": [1e-3, 8e-3, 4]},
+        "wd": {"zip": {"scaling.wd_mode": ["standard", "none"], "optim.weight_decay": [0.1, 0.0]}},
+    }
+    runs = sw.expand_grid(grid)
+    assert len(runs) == 2 * 4 * 2
+    assert [r.params["optim.lr"] for r in runs[:8:2]] == [0.001, 0.002, 0.004, 0.008]  # rounded, not 0.0080000001
+    assert runs[0].name == "d64_lr1e-3_standard"
+    assert runs[1].params == {"model.dim": 64, "optim.lr": 0.001, "scaling.wd_mode": "none", "optim.weight_decay": 0.0}
+    assert runs[-1].name == "d128_lr8e-3_none"
+    assert [r.index for r in runs] == list(range(16))
+    assert [r.name for r in sw.expand_grid(grid)] == [r.name for r in runs]  # deterministic
+    assert len({r.name for r in runs}) == 16
+    geo = sw.axis_values("optim.lr", {"geomspace": [1e-3, 2, 8]})
+    assert geo[-1] == 0.128 and len(geo) == 8
+    assert sw.axis_values("x", {"linspace": [0, 1, 3]}) == [0.0, 0.5, 1.0]
+    assert sw.axis_values("seed", 3) == [3]
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(0.008, "8e-3"), (0.016, "1.6e-2"), (0.128, "0.128"), (1e-8, "1e-8"), (128, "128"), (1.0, "1"),
+     (0.00999999, "1e-2"), (True, "true"), ("a b/c", "a-b-c")],
+)  # fmt: skip
+def test_format_value(value, text):
+    assert sw.format_value(value) == text
+
+
+def test_short_names_and_collisions():
+    runs = sw.expand_grid({"seed": [0, 1], "data.seq_len": [64]}, {"data.seq_len": "T"})
+    assert [r.name for r in runs] == ["s0_T64", "s1_T64"]
+    with pytest.raises(ConfigError, match=r"^grid: run names collide \(\['tag-a-b'\]\)"):
+        sw.expand_grid({"tag": ["a b", "a/b"]})
+
+
+@pytest.mark.parametrize(
+    ("grid", "msg"),
+    [
+        ({"wd": {"zip": {"a": [1, 2], "b": [1]}}}, r"^grid\.wd\.zip: lists differ in length"),
+        ({"optim.lr": {"powers": [1, 2, 3]}}, r"^grid\.optim\.lr: unknown range"),
+        ({"optim.lr": {"logspace": [1, 2]}}, r"^grid\.optim\.lr\.logspace: expects"),
+        ({"optim.lr": []}, r"^grid\.optim\.lr: an empty list"),
+    ],
+)
+def test_grid_errors_name_the_key(grid, msg):
+    with pytest.raises(ConfigError, match=msg):
+        sw.expand_grid(grid)
+
+
+def test_load_sweep_yaml_and_cli_overrides(tmp_path: Path):
+    path = write(tmp_path / "my_sweep.yaml", "grid: {optim.lr: [1.0e-3]}\nlauncher: local\n")
+    args = sw.load_sweep(path, ["launcher=slurm", "slurm.partition=gpu", "slurm.nodes=2"])
+    assert (args.name, args.launcher, args.slurm.partition, args.slurm.nodes) == ("my_sweep", "slurm", "gpu", 2)
+    with pytest.raises(ConfigError, match=r"^launcher: unknown launcher"):
+        sw.load_sweep(path, ["launcher=kubernetes"])
+    with pytest.raises(ConfigError, match=r"^slurm\.nodez"):
+        sw.load_sweep(path, ["slurm.nodez=2"])
+
+
+# ----------------------------------------------------------------------------- configs, manifest, snapshot
+
+
+def test_prepare_writes_configs_manifest_and_snapshot(tmp_path: Path, fake_repo: Path):
+    base = write(tmp_path / "base.yaml", "steps: 5\nmodel: {dim: 32, n_layers: 2}\noptim: {lr: 1.0}\n")
+    args = sweep_args(tmp_path, {"model.dim": [64, 128], "optim.lr": [1e-3, 2e-3]}, base=str(base))
+    args.overrides = {"model.n_layers": 3, "scaling.frozen_lr.input": 0.016}
+    sweep_dir, manifest = sw.prepare(args, src=fake_repo)
+    assert [r["name"] for r in manifest["runs"]] == ["d64_lr1e-3", "d64_lr2e-3", "d128_lr1e-3", "d128_lr2e-3"]
+    assert manifest["axis_keys"] == [["model.dim"], ["optim.lr"]]
+    cfg = OmegaConf.load(sweep_dir / "configs" / "d128_lr2e-3.yaml")
+    assert (cfg.model.dim, cfg.model.n_layers, cfg.optim.lr, cfg.steps) == (128, 3, 0.002, 5)
+    assert cfg.scaling.frozen_lr.input == 0.016
+    assert cfg.dump_dir == str(sweep_dir / "runs" / "d128_lr2e-3") and cfg.name == "t/d128_lr2e-3"
+    assert json.loads((sweep_dir / "manifest.json").read_text()) == manifest
+    assert (sweep_dir / "code" / "apps" / "train.py").read_text() == (fake_repo / "apps" / "train.py").read_text()
+    assert "time" in json.loads((sweep_dir / "code" / "SNAPSHOT.json").read_text())
+
+    # the snapshot is frozen: editing the source does not reach an existing sweep unless asked
+    (fake_repo / "apps" / "train.py").write_text("# edited\n")
+    sw.prepare(args, src=fake_repo)
+    assert (sweep_dir / "code" / "apps" / "train.py").read_text() != "# edited\n"
+    sw.prepare(args, src=fake_repo, resnapshot=True)
+    assert (sweep_dir / "code" / "apps" / "train.py").read_text() == "# edited\n"
+
+    # a started run must keep its config; new grid points may be added
+    (sweep_dir / "runs" / "d64_lr1e-3").mkdir(parents=True)
+    (sweep_dir / "runs" / "d64_lr1e-3" / "metrics.jsonl").write_text("")
+    args.overrides["model.n_layers"] = 4
+    with pytest.raises(
+        ConfigError, match=r"^grid: run d64_lr1e-3 already started with other values of \['model.n_layers'\]"
+    ):
+        sw.prepare(args, src=fake_repo)
+    args.overrides["model.n_layers"] = 3
+    args.grid["optim.lr"] = [1e-3, 2e-3, 4e-3]
+    _, manifest = sw.prepare(args, src=fake_repo)
+    assert len(manifest["runs"]) == 6
+
+
+def test_run_state(tmp_path: Path):
+    d = tmp_path / "run"
+    assert sw.run_state(d) == "new"
+    d.mkdir()
+    (d / "metrics.jsonl").write_text("")
+    assert sw.run_state(d) == "started"
+    (d / "checkpoints" / "0000000010.tmp").mkdir(parents=True)  # an incomplete save does not count
+    assert sw.run_state(d) == "started"
+    (d / "checkpoints" / "0000000010").mkdir()
+    assert sw.run_state(d) == "resume"
+    (d / "DONE").write_text("{}")
+    assert sw.run_state(d) == "done"
+
+
+def test_validation_against_the_trainer_config(tmp_path: Path):
+    if sw.train_args_class() is None:
+        pytest.skip("the trainer is not importable")
+    args = sweep_args(tmp_path, {"optim.lrr": [1e-3]})
+    args.validate = True
+    with pytest.raises(ConfigError, match=r"^optim\.lrr: .*\(run lrr1e-3\)"):
+        sw.prepare(args, write=False)
+    args.grid = {"optim.lr": [1e-3]}
+    sweep_dir, _ = sw.prepare(args)
+    cfg = OmegaConf.load(sweep_dir / "configs" / "lr1e-3.yaml")
+    assert "logging" in cfg and cfg.optim.lr == 0.001  # resolved: the trainer's defaults are written out
+
+
+# ----------------------------------------------------------------------------- local launchers
+
+
+def test_local_skip_and_resume(tmp_path: Path, fake_repo: Path, fake_env: Path, monkeypatch: pytest.MonkeyPatch):
+    args = sweep_args(tmp_path, {"model.dim": [64, 128], "optim.lr": [1e-3]})
+    sweep_dir, manifest = sw.prepare(args, src=fake_repo)
+    monkeypatch.setenv("FAKE_STOP_AT", "3")  # every run is "preempted" at step 3 on its first start
+    codes = sw.launch_local(sweep_dir, manifest, args.local)
+    assert codes == {"d64_lr1e-3": 75, "d128_lr1e-3": 75}
+    assert [sw.run_state(sweep_dir / r["dump_dir"]) for r in manifest["runs"]] == ["resume", "resume"]
+    (sweep_dir / "runs" / "d128_lr1e-3" / "DONE").write_text("{}")  # pretend this one finished elsewhere
+    codes = sw.launch_local(sweep_dir, manifest, args.local)
+    assert codes == {"d64_lr1e-3": 0}  # the finished run is skipped
+    calls = calls_of(fake_env)
+    assert [(c["run"], c["start"]) for c in calls] == [("d64_lr1e-3", 0), ("d128_lr1e-3", 0), ("d64_lr1e-3", 3)]
+    assert calls[0]["argv"][0] == str(sweep_dir / "code" / "apps" / "train.py")  # the snapshot runs
+    assert sw.launch_local(sweep_dir, manifest, args.local) == {}  # all done: nothing to do
+    steps = [r["step"] for r in rep.read_metrics(sweep_dir / "runs" / "d64_lr1e-3" / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_local_parallel_cpu_jobs(tmp_path: Path, fake_repo: Path, fake_env: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("FAKE_SLEEP", "0.05")
+    args = sweep_args(tmp_path, {"optim.lr": [1e-3, 2e-3, 4e-3]})
+    sweep_dir, manifest = sw.prepare(args, src=fake_repo)
+    with pytest.raises(ConfigError, match=r"^local\.jobs: no GPU is visible"):
+        sw.launch_local(sweep_dir, manifest, args.local, parallel=True)
+    args.local.jobs = 3
+    t0 = time.time()
+    assert sw.launch_local(sweep_dir, manifest, args.local, parallel=True) == {
+        n: 0 for n in ["lr1e-3", "lr2e-3", "lr4e-3"]
+    }
+    assert time.time() - t0 < 3 * 6 * 0.05 + 1.5  # ran side by side (each takes >= 0.3 s plus start-up)
+    monkeypatch.setattr(sw, "visible_gpus", lambda: [0, 1, 2, 3])
+    args2 = sweep_args(tmp_path, {"optim.lr": [1e-3, 2e-3]}, name="g")
+    args2.local.nproc, args2.local.jobs = 1, 0
+    sweep_dir2, manifest2 = sw.prepare(args2, src=fake_repo)
+    sw.launch_local(sweep_dir2, manifest2, args2.local, parallel=True)
+    devices = sorted(c["cuda"] for c in calls_of(fake_env) if "/g/" in c["argv"][1])
+    assert devices == ["0", "1"]  # one GPU each, different GPUs
+
+
+def test_signal_to_local_launcher_checkpoints_and_resumes(tmp_path: Path, fake_repo: Path, fake_env: Path):
+    """SIGTERM to a running `lingua-wd sweep` reaches the trainer, which checkpoints; re-running resumes."""
+    sweep_file = write(
+        tmp_path / "s.yaml",
+        f"""
+        name: sig
+        dump_root: {tmp_path / "sweeps"}
+        validate: false
+        base: {{steps: 400, model: {{dim: 64}}, optim: {{lr: 1.0e-3}}, scaling: {{wd_mode: standard}}}}
+        grid: {{optim.lr: [1.0e-3, 2.0e-3]}}
+    """,
+    )
+    code = f"import sys; from lingua_wd import sweep; sweep.REPO_ROOT = sweep.Path({str(fake_repo)!r}); sys.exit(sweep.main())"
+    env = dict(os.environ, FAKE_SLEEP="0.01", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(sweep_file)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    started = tmp_path / "sweeps" / "sig" / "runs" / "lr1e-3" / "started"
+    deadline = time.time() + 30
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 75, out
+    assert "stopped after a checkpoint" in out
+    sweep_dir = tmp_path / "sweeps" / "sig"
+    assert sw.run_state(sweep_dir / "runs" / "lr1e-3") == "resume"
+    assert sw.run_state(sweep_dir / "runs" / "lr2e-3") == "new"  # no new run starts after the signal
+    env["FAKE_SLEEP"] = "0"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(sweep_file)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    starts = [(c["run"], c["start"] > 0) for c in calls_of(fake_env)]
+    assert starts == [("lr1e-3", False), ("lr1e-3", True), ("lr2e-3", False)]
+
+
+# ----------------------------------------------------------------------------- SLURM
+
+
+GOLDEN_MANIFEST = {
+    "name": "fig1",
+    "sweep_dir": "/sweeps/fig1",
+    "code_dir": "/sweeps/fig1/code",
+    "workdir": "/home/me/lingua_wd",
+    "runs": [{"name": n} for n in ("d128_lr8e-3_standard", "d128_lr8e-3_independent", "d256_lr8e-3_standard")],
+}
+
+
+def golden_slurm_args() -> sw.SlurmArgs:
+    return sw.SlurmArgs(
+        partition="h100", account="proj42", qos="high", time="14:00:00", nodes=2, gpus_per_node=8,
+        cpus_per_task=96, mem="0", max_parallel=2, signal_s=600, setup="source /home/me/lingua_wd/.venv/bin/activate",
+        extra=["--exclusive"],
+    )  # fmt: skip
+
+
+def test_sbatch_matches_golden_and_parses():
+    text = (ROOT / "slurm" / "array.sbatch").read_text()
+    values = sw.sbatch_values(GOLDEN_MANIFEST, GOLDEN_MANIFEST["runs"], golden_slurm_args(), "fig1")
+    rendered = sw.render_template(text, values)
+    golden = GOLDEN / "array.sbatch"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(rendered)
+    assert rendered == golden.read_text()
+    for line in ("#SBATCH --array=0-2%2", "#SBATCH --nodes=2", "#SBATCH --partition=h100", "#SBATCH --account=proj42",
+                 "#SBATCH --qos=high", "#SBATCH --time=14:00:00", "#SBATCH --signal=B:USR1@600", "#SBATCH --exclusive"):  # fmt: skip
+        assert line in rendered.splitlines()
+    subprocess.run(["bash", "-n"], input=rendered, text=True, check=True)
+    path = Path("/tmp") / f"lingua_wd_sbatch_{os.getpid()}.sh"
+    path.write_text(rendered)
+    try:
+        subprocess.run(["bash", "-n", str(path)], check=True)
+    finally:
+        path.unlink()
+
+
+def test_render_template_errors():
+    with pytest.raises(ConfigError, match=r"^slurm\.template: no value for placeholders \['b'\]"):
+        sw.render_template("{{a}} {{b}}", {"a": 1})
+    with pytest.raises(ConfigError, match=r"^slurm\.template: the template lacks placeholders \['c'\]"):
+        sw.render_template("{{a}}", {"a": 1, "c": 2})
+    assert sw.render_template("${X} {{a}} $((1 + 2))", {"a": "v"}) == "${X} v $((1 + 2))"
+
+
+@pytest.fixture
+def fake_slurm(tmp_path: Path) -> tuple[Path, Path]:
+    """Fake srun / torchrun / scontrol on PATH: srun and torchrun drop their options and exec the rest."""
+    bin_ = tmp_path / "bin"
+    log = tmp_path / "slurm_calls.log"
+    write(bin_ / "srun", '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n', 0o755)
+    write(
+        bin_ / "torchrun",
+        f'#!/bin/bash\necho "torchrun $*" >> {log}\nwhile [[ "$1" == --* ]]; do shift; done\nexec {sys.executable} "$@"\n',
+        0o755,
+    )
+    write(
+        bin_ / "scontrol", f'#!/bin/bash\necho "scontrol $*" >> {log}\n[ "$1" = show ] && echo node001\nexit 0\n', 0o755
+    )
+    return bin_, log
+
+
+def task_env(bin_: Path, index: int, restart: int = 0) -> dict:
+    return dict(
+        os.environ, PATH=f"{bin_}:{os.environ['PATH']}", SLURM_ARRAY_TASK_ID=str(index), SLURM_ARRAY_JOB_ID="4242",
+        SLURM_JOB_ID=str(5000 + index), SLURM_NNODES="1", SLURM_JOB_NODELIST="node001", SLURM_RESTART_COUNT=str(restart),
+    )  # fmt: skip
+
+
+def test_array_index_maps_to_pending_runs(tmp_path: Path, fake_repo: Path, fake_env: Path, fake_slurm):
+    bin_, log = fake_slurm
+    args = sweep_args(tmp_path, {"model.dim": [64, 128], "optim.lr": [1e-3, 2e-3]})
+    args.slurm.gpus_per_node = 1
+    sweep_dir, manifest = sw.prepare(args, src=fake_repo)
+    (sweep_dir / "runs" / "d64_lr2e-3").mkdir(parents=True)
+    (sweep_dir / "runs" / "d64_lr2e-3" / "DONE").write_text("{}")  # finished before submission: not in the array
+    path, n = sw.write_sbatch(sweep_dir, manifest, args.slurm)
+    pending = [r["name"] for r in sw.pending_runs(sweep_dir, manifest)]
+    assert n == 3 and pending == ["d64_lr1e-3", "d128_lr1e-3", "d128_lr2e-3"]
+    assert "#SBATCH --array=0-2" in path.read_text().splitlines()
+    for i, name in enumerate(pending):
+        proc = subprocess.run(["bash", str(path)], env=task_env(bin_, i), capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"-> {name} " in proc.stdout
+    assert [c["run"] for c in calls_of(fake_env)] == pending
+    torchruns = [line for line in log.read_text().splitlines() if line.startswith("torchrun")]
+    assert all(
+        "--nnodes=1 --nproc_per_node=1 --rdzv_id=500" in t and "--rdzv_endpoint=node001:" in t for t in torchruns
+    )
+    assert f"{sweep_dir}/code/apps/train.py config={sweep_dir}/configs/d128_lr2e-3.yaml" in torchruns[2]
+    assert "requeue" not in log.read_text()
+    proc = subprocess.run(["bash", str(path)], env=task_env(bin_, 3), capture_output=True, text=True)
+    assert proc.returncode == 2 and "outside the 3 runs" in proc.stderr
+    # a finished run's task exits at once, without starting torchrun
+    proc = subprocess.run(["bash", str(path)], env=task_env(bin_, 0), capture_output=True, text=True)
+    assert proc.returncode == 0 and "already finished" in proc.stdout
+    assert len(calls_of(fake_env)) == 3
+
+
+def test_sbatch_requeues_on_signal_and_resumes(
+    tmp_path: Path, fake_repo: Path, fake_env: Path, fake_slurm, monkeypatch
+):
+    """SIGUSR1 to the batch shell (SLURM's --signal=B:USR1): the trainer checkpoints, the task requeues itself."""
+    bin_, log = fake_slurm
+    args = sweep_args(tmp_path, {"optim.lr": [1e-3]})
+    args.base["steps"] = 100_000
+    sweep_dir, manifest = sw.prepare(args, src=fake_repo)
+    path, _ = sw.write_sbatch(sweep_dir, manifest, args.slurm)
+    env = task_env(bin_, 0) | {"FAKE_SLEEP": "0.01"}
+    proc = subprocess.Popen(["bash", str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started = sweep_dir / "runs" / "lr1e-3" / "started"
+    deadline = time.time() + 30
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "got SIGUSR1" in out and "requeueing 4242_0" in out
+    assert "scontrol requeue 4242_0" in log.read_text()
+    assert sw.run_state(sweep_dir / "runs" / "lr1e-3") == "resume"
+    # the requeued task resumes from the checkpoint and finishes
+    manifest_cfg = sweep_dir / "configs" / "lr1e-3.yaml"
+    manifest_cfg.write_text(manifest_cfg.read_text().replace("steps: 100000", "steps: 50"))
+    monkeypatch.setenv("FAKE_SLEEP", "0")
+    proc = subprocess.run(
+        ["bash", str(path)], env=task_env(bin_, 0, restart=1), capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and "finished" in proc.stdout, proc.stdout + proc.stderr
+    assert [c["start"] > 0 for c in calls_of(fake_env)] == [False, True]
+    assert log.read_text().count("scontrol requeue") == 1
+    # a crash (not a signal) is a failure, not a requeue; too many restarts stop the requeueing
+    (sweep_dir / "runs" / "lr1e-3" / "DONE").unlink()
+    manifest_cfg.write_text("this is: [not a config")
+    proc = subprocess.run(["bash", str(path)], env=task_env(bin_, 0), capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "failed" in proc.stderr
+    assert log.read_text().count("scontrol requeue") == 1
+
+
+def test_cli_dry_run_writes_sbatch_without_submitting(tmp_path: Path, capsys):
+    sweep_file = write(
+        tmp_path / "s.yaml",
+        f"""
+        dump_root: {tmp_path / "sweeps"}
+        validate: false
+        base: {{steps: 10}}
+        grid: {{model.dim: [64, 128], optim.lr: {{geomspace: [1.0e-3, 2, 3]}}}}
+    """,
+    )
+    assert cli_main(["sweep", str(sweep_file), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "6 runs" in out and "d128_lr4e-3" in out and not (tmp_path / "sweeps").exists()  # nothing written
+    assert cli_main(["sweep", str(sweep_file), "--dry-run", "launcher=slurm", "slurm.max_parallel=4"]) == 0
+    script = (tmp_path / "sweeps" / "s" / "submit.sbatch").read_text()
+    assert "#SBATCH --array=0-5%4" in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+    assert cli_main(["sweep", str(sweep_file), "launcher=nope"]) == 2
+    assert "config error: launcher: unknown launcher" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def test_final_train_loss_weights_each_logged_step():
+    recs = [
+        {"step": 5, "loss": 4.0},
+        {"step": 10, "loss": 2.0},
+        {"step": 10, "val/loss": 9.0},
+        {"step": 12, "loss": 1.0},
+    ]
+    assert rep.final_train_loss(recs, 4) == (pytest.approx((2 * 2.0 + 2 * 1.0) / 4), 12)
+    assert rep.final_train_loss(recs, 100)[0] == pytest.approx((5 * 4 + 5 * 2 + 2 * 1) / 12)
+    assert rep.final_train_loss(recs + [{"step": 12, "loss": 3.0}], 2)[0] == 3.0  # re-logged step: newest wins
+    assert rep.last_val_loss(recs) == 9.0 and math.isnan(rep.last_val_loss([]))
+
+
+def test_curves_average_seeds_and_mark_divergence():
+    args = sw.ReportArgs(panel="scaling.mode,scaling.wd_mode")
+
+    def v(lr: float, seed: int) -> dict:
+        return {"optim.lr": lr, "model.dim": 64, "scaling.mode": "mup", "scaling.wd_mode": "none", "seed": seed}
+
+    results = [
+        rep.RunResult("a", "done", v(1e-3, 0), train=3.0), rep.RunResult("b", "done", v(1e-3, 1), train=2.0),
+        rep.RunResult("c", "done", v(2e-3, 0), train=1.0), rep.RunResult("d", "done", v(2e-3, 1), diverged=True),
+        rep.RunResult("e", "done", v(4e-3, 0), train=2.2), rep.RunResult("f", "resume", v(4e-3, 1), train=0.1),
+        rep.RunResult("g", "started", v(8e-3, 0), train=0.1),
+    ]  # fmt: skip
+    (c,) = rep.build_curves(results, args, [], "train")
+    assert c.panel == "mup/none" and c.xs == [1e-3, 2e-3, 4e-3, 8e-3]
+    assert c.ys[0] == 2.5 and math.isnan(c.ys[1]) and c.ys[2] == 2.2 and math.isnan(c.ys[3])
+    assert c.status == ["ok", "div", "ok", "missing"]
+    assert rep.optimum(c) == {"x": 4e-3, "loss": 2.2, "index": 2, "edge": False}
+
+
+def test_fit_shift_and_grid_uncertainty():
+    fit = rep.fit_shift([1, 2, 4, 8], [8e-3, 4e-3, 2e-3, 1e-3], math.log(2))
+    assert fit["slope"] == pytest.approx(-1.0) and fit["sigma_resid"] == pytest.approx(0.0, abs=1e-9)
+    sxx = sum((math.log(m) - math.log(8) * 0.5) ** 2 for m in [1, 2, 4, 8])
+    assert fit["sigma_grid"] == pytest.approx(math.log(2) / math.sqrt(12) / math.sqrt(sxx))
+    assert math.isnan(rep.fit_shift([1], [1e-3], math.log(2))["slope"])
+    assert rep.grid_step([1e-3, 2e-3, 4e-3, 8e-3]) == pytest.approx(math.log(2))
+    assert rep.verdict({"slope": 0.1, "sigma_grid": 0.2, "sigma_resid": math.nan}, False).startswith("transfers")
+    assert rep.verdict({"slope": -1.0, "sigma_grid": 0.2, "sigma_resid": 0.9}, True).startswith("shifts")
+    assert rep.verdict({"slope": -1.0, "sigma_grid": 0.2, "sigma_resid": 0.0}, True).endswith("at the grid edge")
+
+
+def test_report_on_fake_sweep(tmp_path: Path, fake_repo: Path, fake_env: Path, monkeypatch: pytest.MonkeyPatch):
+    """Known optima: lr* = 1e-2 m^-1 for standard, 1e-2 for independent -> slopes -1 and 0, one optimum per width."""
+    monkeypatch.setenv("FAKE_SHIFT", json.dumps({"standard": -1.0, "independent": 0.0}))
+    grid = {
+        "model.dim": [64, 128, 256],
+        "optim.lr": {"geomspace": [1.25e-3, 2, 6]},
+        "scaling.wd_mode": ["standard", "independent"],
+    }
+    args = sweep_args(tmp_path, grid)
+    args.base["steps"] = 20
+    args.base["scaling"]["base_dim"] = 64
+    args.report.last_n = 5
+    args.report.alignment_runs = ["d64_lr1e-2_standard"]
+    args.local.jobs = 4
+    sweep_dir, manifest = sw.prepare(args, src=fake_repo)
+    # one diverged run and one unfinished run: neither may become an optimum
+    div = sweep_dir / "runs" / "d256_lr4e-2_independent"
+    write(div / "metrics.jsonl", '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": NaN}\n')
+    (div / "DONE").write_text("{}")
+    assert sw.launch_local(sweep_dir, manifest, args.local, parallel=True).get("d256_lr4e-2_independent") is None
+    (sweep_dir / "runs" / "d256_lr4e-2_standard" / "DONE").unlink()
+    with open(sweep_dir / "runs" / "d64_lr1e-2_standard" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 20, "probe/layers.0.feed_forward.w1/alignment_ratio": 1.1}) + "\n")
+    summary = rep.report(sweep_dir, rep.report_args(sweep_dir, []))
+    train = summary["metrics"]["train"]
+    assert sorted(train) == ["independent", "standard"]
+    assert [(o["width"], o["x"]) for o in train["standard"]["optima"]] == [(64, 0.01), (128, 0.005), (256, 0.0025)]
+    assert [(o["width"], o["x"]) for o in train["independent"]["optima"]] == [(64, 0.01), (128, 0.01), (256, 0.01)]
+    assert train["standard"]["fit"]["slope"] == pytest.approx(-1.0)
+    assert train["independent"]["fit"]["slope"] == pytest.approx(0.0, abs=1e-12)
+    assert train["standard"]["optima"][2]["edge"] is False  # 2.5e-3 is not the smallest LR tried
+    assert summary["metrics"]["val"]["standard"]["fit"]["slope"] == pytest.approx(-1.0)
+    states = {r["name"]: (r["state"], r["diverged"]) for r in summary["runs"]}
+    assert states["d256_lr4e-2_independent"] == ("done", True) and states["d256_lr4e-2_standard"][0] == "resume"
+    md = (sweep_dir / "report.md").read_text()
+    assert "![train](transfer_train.png)" in md and "| standard | 64 | 1 | 0.01 |" in md
+    assert (
+        "div" in md
+        and "shifts with width" in md
+        and "transfers" in md
+        and "## Alignment probes: d64_lr1e-2_standard" in md
+    )
+    for png in ("transfer_train.png", "transfer_val.png", "shift_train.png", "alignment_d64_lr1e-2_standard.png"):
+        assert (sweep_dir / png).stat().st_size > 5000
+    # the CLI: overrides on top of the sweep's report section
+    assert cli_main(["report", str(sweep_dir), "last_n=3", f"out_dir={tmp_path / 'r2'}"]) == 0
+    assert json.loads((tmp_path / "r2" / "report.json").read_text())["last_n"] == 3
+    assert cli_main(["report", str(sweep_dir), "last_m=3"]) == 2
+
+
+# ----------------------------------------------------------------------------- end to end, the real trainer
+
+
+@pytest.mark.skipif(sw.train_args_class() is None, reason="the trainer is not importable")
+def test_local_sweep_of_real_trainer_end_to_end(tmp_path: Path):
+    """`lingua-wd sweep` then `lingua-wd report` on 4 tiny CPU runs: one optimum per width."""
+    sweep_file = write(
+        tmp_path / "tiny.yaml",
+        f"""
+        name: tiny
+        dump_root: {tmp_path / "sweeps"}
+        base: configs/debug.yaml
+        overrides:
+          steps: 8
+          log_freq: 2
+          eval_freq: 0
+          eval_batches: 1
+          data.seq_len: 32
+          data.batch_size: 8
+          data.micro_batch_size: 4
+          model.head_dim: 32
+          checkpoint.every: 0
+          logging.wandb_mode: disabled
+          scaling.mode: mup
+          scaling.base_dim: 64
+        grid:
+          model.dim: [64, 128]
+          optim.lr: [3.0e-3, 3.0e-1]
+        report: {{last_n: 4, panel: scaling.wd_mode}}
+        launcher: local_parallel
+        local: {{jobs: 2}}
+    """,
+    )
+    assert cli_main(["sweep", str(sweep_file)]) == 0
+    sweep_dir = tmp_path / "sweeps" / "tiny"
+    names = [r["name"] for r in sw.load_manifest(sweep_dir)["runs"]]
+    assert names == ["d64_lr3e-3", "d64_lr0.3", "d128_lr3e-3", "d128_lr0.3"]
+    for n in names:
+        run = sweep_dir / "runs" / n
+        assert (run / "DONE").is_file() and (run / "config.yaml").is_file()
+        assert OmegaConf.load(run / "config.yaml").dump_dir == str(run)
+    assert cli_main(["report", str(sweep_dir)]) == 0
+    summary = json.loads((sweep_dir / "report.json").read_text())
+    optima = summary["metrics"]["train"]["standard"]["optima"]
+    assert [o["width"] for o in optima] == [64, 128]  # exactly one optimum per width
+    assert all(o["x"] in (3e-3, 0.3) and math.isfinite(o["loss"]) for o in optima)
+    assert (sweep_dir / "transfer_train.png").is_file() and "| standard | 128 | 2 |" in (
+        sweep_dir / "report.md"
+    ).read_text()
+    assert cli_main(["sweep", str(sweep_file)]) == 0  # everything finished: a re-run trains nothing
+
+
+def test_cli_dispatch(capsys):
+    assert cli_main([]) == 2 and cli_main(["--help"]) == 0
+    assert "sweep" in capsys.readouterr().out
+    assert cli_main(["frobnicate"]) == 2 and "unknown command 'frobnicate'" in capsys.readouterr().err
+    assert cli_main(["report", "--help"]) == 0 and "usage: lingua-wd report" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- coordinate check
+
+
+def test_coordcheck_separates_sp_from_mup(tmp_path: Path):
+    """Adam's update RMS is ~eta per entry: muP gives hidden / output eta/m (slope -1 in width), sp keeps it;
+    the hidden activations' change since init grows with width under sp and stays flat under muP."""
+    from lingua_wd import coordcheck as cc
+
+    out = tmp_path / "cc"
+    argv = ["widths=[32,64,128]", "base_dim=32", "steps=3", "seeds=1", "seq_len=16", "batch_size=4", "vocab_size=64",
+            "n_layers=1", "params=[sp,mup:independent]", f"out_dir={out}"]  # fmt: skip
+    assert cli_main(["coordcheck", *argv]) == 0
+    data = json.loads((out / "coordcheck.json").read_text())
+    s = data["slopes"]
+    assert s["sp"]["update_rms"]["hidden"] == pytest.approx(0.0, abs=0.1)
+    assert s["mup:independent"]["update_rms"]["hidden"] == pytest.approx(-1.0, abs=0.1)
+    assert s["mup:independent"]["update_rms"]["input"] == pytest.approx(0.0, abs=0.1)  # vector-like: not scaled
+    assert s["sp"]["act_delta_rms"]["hidden"] > s["mup:independent"]["act_delta_rms"]["hidden"] + 0.2
+    assert abs(s["mup:independent"]["act_delta_rms"]["hidden"]) < 0.2
+    assert (out / "coordcheck.png").stat().st_size > 10000
+    assert cc.slope([1, 2, 4], [3.0, 6.0, 12.0]) == pytest.approx(1.0)
+    assert cli_main(["coordcheck", "params=[mup]"]) == 2  # mup needs a wd_mode
+
+
+@pytest.mark.parametrize(("name", "n_runs"), [("cpu_small", 24), ("paper_fig1", 135)])
+def test_shipped_sweeps_expand_validate_and_render(name: str, n_runs: int, tmp_path: Path):
+    """The shipped grids: every run config merges into the trainer's TrainArgs; the sbatch parses."""
+    path = ROOT / "configs" / "sweeps" / f"{name}.yaml"
+    args = sw.load_sweep(path, [f"dump_root={tmp_path}", "slurm.submit=false"])
+    args.validate = sw.train_args_class() is not None
+    _, manifest = sw.prepare(args, path, write=False)
+    assert len(manifest["runs"]) == n_runs
+    if name == "paper_fig1":
+        lrs = sorted({r["params"]["optim.lr"] for r in manifest["runs"]})
+        assert 8e-3 in lrs and 6.4e-2 in lrs and len(lrs) == 9  # the paper's optima are on the grid
+        none = next(r for r in manifest["runs"] if r["name"] == "d2048_lr6.4e-2_none")
+        assert none["params"]["scaling.frozen_lr.input"] == 6.4e-2
+    manifest |= {"sweep_dir": "/s", "code_dir": "/s/code", "workdir": "/w"}
+    text = sw.render_template(
+        (ROOT / args.slurm.template).read_text(), sw.sbatch_values(manifest, manifest["runs"], args.slurm, name)
+    )
+    assert f"#SBATCH --array=0-{n_runs - 1}" in text
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)
