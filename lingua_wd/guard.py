@@ -12,7 +12,9 @@ import torch
 
 from lingua_wd.args import check
 
-# config keys whose change since the checkpoint breaks an exact continuation (prefix match)
+# config keys whose change since the checkpoint breaks an exact continuation (prefix match), and the
+# exceptions among them that do not change the numbers (the token stream is independent of workers)
+HARMLESS_KEYS = ("data.workers",)
 EXACTNESS_KEYS = (
     "model.",
     "data.",
@@ -107,4 +109,5 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
     """Exactness-relevant keys whose value differs between the checkpoint's config and this run's."""
     a, b = _flatten(saved), _flatten(current)
     changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in changed if k.startswith(EXACTNESS_KEYS)]
+    breaking = [k for k in changed if k.startswith(EXACTNESS_KEYS) and k not in HARMLESS_KEYS]
+    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in breaking]

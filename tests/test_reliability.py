@@ -140,7 +140,8 @@ def test_random_kills_end_with_the_same_final_loss(tmp_path, tiny):
         ):
             time.sleep(0.02)  # this start is training now
         time.sleep(rng.uniform(0.0, 1.5))
-        os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     run_train([f"dump_dir={dump}", *common])
     assert losses(dump) == losses(ref)
