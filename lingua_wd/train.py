@@ -117,11 +117,11 @@ def resolve_and_check(args: TrainArgs, world: int) -> None:
     args.name = args.name or Path(args.dump_dir).name
 
 
-def check_dump_dir(path: Path) -> None:
+def check_dump_dir(path: Path, rank: int) -> None:
     """An unwritable or full dump dir is a clear error at start-up, not a crash at the first checkpoint."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
+        probe = path / f".write-test-rank{rank}"  # one per rank: ranks share the directory
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
     except OSError as err:
@@ -378,7 +378,7 @@ def train(args: TrainArgs) -> int:
     seed_everything(args.seed, args.distributed.deterministic)
     trainer = None
     try:
-        check_dump_dir(Path(args.dump_dir))
+        check_dump_dir(Path(args.dump_dir), env.rank)
         if env.is_main:
             prepare_data(args.data)
             dump_config(args, Path(args.dump_dir) / "config.yaml")
@@ -390,9 +390,10 @@ def train(args: TrainArgs) -> int:
             code = 0
         else:
             code = trainer.run()
-    except ConfigError as err:
+    except ConfigError as err:  # possibly on some ranks only: no barrier (torchrun stops the others)
         print(f"config error: {err}", file=sys.stderr)
-        code = 2
+        torch.distributed.destroy_process_group()
+        return 2
     except BaseException:
         torch.distributed.destroy_process_group()  # no barrier: the other ranks may be anywhere
         raise
