@@ -21,12 +21,28 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from lingua_wd.args import check
 
 log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written on some rank; nothing was marked as the latest."""
+
+
+def _first_line(err: BaseException) -> str:
+    """The root cause's message (DCP wraps each rank's error in a long CheckpointException)."""
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))
+        err = err[0] if isinstance(err, tuple) else getattr(err, "exc", err)  # DCP's (exception, traceback)
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 @dataclass
@@ -97,20 +113,24 @@ def save(
         tmp.mkdir()
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))  # raises on every rank on failure
-    error = None
+    error: Optional[BaseException] = None
     try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))  # collective: fails on every rank
         _atomic_torch_save(rank_state, tmp / f"rank{rank}.pt")
         if rank == 0 and config:
             _atomic_write(tmp / "config.yaml", config)
-    except OSError as err:
+    except (Exception, CheckpointException) as err:  # disk full, I/O error (CheckpointException is a BaseException)
         error = err
     failed = torch.tensor([float(error is not None)])
     dist.all_reduce(failed, op=dist.ReduceOp.MAX) if dist.get_backend() == "gloo" else _all_reduce_max_cuda(failed)
     if failed.item():
-        raise RuntimeError(
-            f"checkpoint {step} could not be written ({error or 'on another rank'}); the previous checkpoint is kept"
-        ) from error
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoint stays the latest
+        why = _first_line(error) if error is not None else "failed on another rank"
+        free = shutil.disk_usage(root).free / 2**20
+        raise CheckpointWriteError(
+            f"checkpoint {step} could not be written ({why}; {free:.1f} MiB free in {root}); the previous one is kept"
+        )
     if crash_before_manifest:  # fault injection (guard.crash_in_checkpoint): die with the data written
         os._exit(137)
     dist.barrier()

@@ -55,6 +55,7 @@ from lingua_wd.schedule import ScheduleArgs, check_schedule_args
 log = logging.getLogger("lingua_wd")
 EXIT_REQUEUE = 75  # stopped by SIGTERM / SIGUSR1 after saving a checkpoint: requeue and resume
 EXIT_DIVERGED = 3  # too many non-finite steps: stopped without saving (the last good checkpoint stays)
+EXIT_CHECKPOINT = 4  # a checkpoint could not be written (disk full, I/O error): the previous one stays the latest
 LAST_N = 100  # the paper reports the mean training loss of the last 100 steps
 
 
@@ -394,6 +395,10 @@ def train(args: TrainArgs) -> int:
         print(f"config error: {err}", file=sys.stderr)
         torch.distributed.destroy_process_group()
         return 2
+    except ckpt.CheckpointWriteError as err:  # every rank gets it: e.g. the disk is full
+        log.error("%s", err)
+        torch.distributed.destroy_process_group()
+        return EXIT_CHECKPOINT
     except BaseException:
         torch.distributed.destroy_process_group()  # no barrier: the other ranks may be anywhere
         raise

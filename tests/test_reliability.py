@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -188,3 +189,28 @@ def test_config_fuzz_only_ends_in_clean_errors(items):
     except ConfigError as err:
         msg = str(err)
         assert msg and "\n" not in msg and "Traceback" not in msg
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2.5 MB tmpfs: room for one checkpoint of the tiny model (~1.7 MB), not for two."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2560k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_during_checkpoint_keeps_the_previous_one(small_disk, tiny):
+    dump = small_disk / "run"
+    proc = run_train(
+        [f"dump_dir={dump}", *tiny, *FAST, "steps=8", "checkpoint.every=4", "checkpoint.keep=2"], check=False
+    )
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    line = next(x for x in proc.stderr.splitlines() if "could not be written" in x)
+    assert "checkpoint 8 could not be written" in line and "MiB free in" in line and "previous one is kept" in line
+    root = dump / "checkpoints"
+    assert [p.name for p in list_checkpoints(root)] == [f"{4:010d}"]
+    assert not any(p.name.startswith(".tmp") for p in root.iterdir())  # the partial write was removed
+    assert not (dump / "DONE").exists()
