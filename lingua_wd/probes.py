@@ -138,6 +138,14 @@ class Probes:
     def due(self, step: int) -> bool:
         return self.args.every > 0 and step % self.args.every == 0
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The warm-start vectors of the power iteration, so sigma_max continues exactly on resume."""
+        return {n: v.cpu() for n, v in self._v.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        device = next(iter(self.modules.values())).weight.device
+        self._v = {n: v.to(device) for n, v in state.items() if n in self.modules}
+
     @torch.no_grad()
     def before_step(self, step: int, inputs: torch.Tensor) -> None:
         """Snapshot W_t and capture X, ||W_t X|| on the probe slice of `inputs` (mb, T) (this rank's)."""

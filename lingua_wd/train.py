@@ -243,6 +243,8 @@ class Trainer:
         self.recent = mine["recent_losses"].to(self.env.device)
         self.scheduler.load_state_dict(mine["scheduler"])
         self.spikes.load_state_dict(mine["spikes"])
+        if self.probes is not None and "probes" in mine:
+            self.probes.load_state_dict(mine["probes"])
         self.loader.load_states([s["data"] for s in states])
         set_rng_state(mine["rng"])
         self.logger.truncate_after(self.step)
@@ -257,6 +259,7 @@ class Trainer:
             "recent_losses": self.recent.cpu(),
             "nonfinite": self.nonfinite,
             "spikes": self.spikes.state_dict(),
+            "probes": self.probes.state_dict() if self.probes is not None else {},
             "world_size": self.env.world,
         }
         crash = self.args.guard.crash_in_checkpoint == self.step

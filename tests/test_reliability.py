@@ -214,3 +214,26 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(small_disk, tiny):
     assert [p.name for p in list_checkpoints(root)] == [f"{4:010d}"]
     assert not any(p.name.startswith(".tmp") for p in root.iterdir())  # the partial write was removed
     assert not (dump / "DONE").exists()
+
+
+def test_probes_resume_exactly(tmp_path, tiny):
+    """The power-iteration vectors live in the checkpoint: sigma_max continues as if never stopped."""
+    common = [
+        *tiny,
+        *FAST,
+        "steps=12",
+        "checkpoint.every=4",
+        "probes.every=2",
+        "probes.layers=[layers.1.feed_forward.w1]",
+    ]
+    ref = tmp_path / "ref"
+    run_train([f"dump_dir={ref}", *common])
+    dump = tmp_path / "crash"
+    assert run_train([f"dump_dir={dump}", *common, "guard.crash_in_checkpoint=8"], check=False).returncode == 137
+    run_train([f"dump_dir={dump}", *common])
+
+    def probes(d):
+        return {(r["step"], k): v for r in read_metrics(d) for k, v in r.items() if k.startswith("probe/")}
+
+    got, want = probes(dump), probes(ref)
+    assert any(k.endswith("sigma_max") for _, k in want) and got == want
