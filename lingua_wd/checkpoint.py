@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from lingua_wd.args import check
+from lingua_wd.distributed import all_reduce_max
 
 log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
@@ -121,9 +122,8 @@ def save(
             _atomic_write(tmp / "config.yaml", config)
     except (Exception, CheckpointException) as err:  # disk full, I/O error (CheckpointException is a BaseException)
         error = err
-    failed = torch.tensor([float(error is not None)])
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX) if dist.get_backend() == "gloo" else _all_reduce_max_cuda(failed)
-    if failed.item():
+    flag_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    if all_reduce_max(torch.tensor(float(error is not None), device=flag_device)).item():
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoint stays the latest
         why = _first_line(error) if error is not None else "failed on another rank"
@@ -157,13 +157,6 @@ def saved_config(path: Path) -> Optional[dict]:
     cfg = yaml.safe_load(f.read_text())
     cfg["world_size"] = json.loads((path / MANIFEST).read_text())["world_size"]
     return cfg
-
-
-def _all_reduce_max_cuda(t: torch.Tensor) -> None:
-    dev = torch.device("cuda", torch.cuda.current_device())
-    g = t.to(dev)
-    dist.all_reduce(g, op=dist.ReduceOp.MAX)
-    t.copy_(g.cpu())
 
 
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:

@@ -108,6 +108,14 @@ def sweep_args(tmp_path: Path, grid: dict, **kw) -> sw.SweepArgs:
 # ----------------------------------------------------------------------------- grid and names
 
 
+def wait_for(path, then: float, timeout: float = 30) -> None:
+    """Poll until path exists (at most timeout s), then sleep `then` s more."""
+    deadline = time.time() + timeout
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(then)
+
+
 def test_grid_product_ranges_zip_and_stable_names():
     grid = {
         "model.dim": [64, 128],
@@ -299,10 +307,7 @@ def test_signal_to_local_launcher_checkpoints_and_resumes(tmp_path: Path, fake_r
         text=True,
     )
     started = tmp_path / "sweeps" / "sig" / "runs" / "lr1e-3" / "started"
-    deadline = time.time() + 30
-    while not started.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.2)
+    wait_for(started, then=0.2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 75, out
@@ -433,10 +438,7 @@ def test_sbatch_requeues_on_signal_and_resumes(
     env = task_env(bin_, 0) | {"FAKE_SLEEP": "0.01"}
     proc = subprocess.Popen(["bash", str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     started = sweep_dir / "runs" / "lr1e-3" / "started"
-    deadline = time.time() + 30
-    while not started.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
+    wait_for(started, then=0.3)
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
