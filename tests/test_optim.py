@@ -179,6 +179,7 @@ WORKER = textwrap.dedent(
     import os, sys, torch, torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from lingua_wd.distributed import shutdown
     from lingua_wd.model import ModelArgs, Transformer
     from lingua_wd.optim import OptimArgs, build_optimizer, clip_grad_norm_
     from lingua_wd.scaling import ScalingArgs, init_std_fn
@@ -225,7 +226,7 @@ WORKER = textwrap.dedent(
     if rank == 0:
         init = {n: p.detach().cpu() for n, p in make().named_parameters()}
         torch.save({"init": init, "sharded": sharded, "single": train(make(), 0, 1)}, out)
-    dist.destroy_process_group()
+    shutdown()  # barrier first: rank 1 must not tear gloo down while rank 0 still trains alone
     """
 )
 

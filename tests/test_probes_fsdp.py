@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lingua_wd.distributed import shutdown
 from lingua_wd.model import ModelArgs, Transformer
 from lingua_wd.probes import METRICS, ProbeArgs, build_probes
 
@@ -80,8 +81,7 @@ def worker(out: str) -> None:
         result = {"losses_off": losses_off, "losses_on": losses_on, "same_rng": same_rng, "metrics": metrics,
                   "ranks_agree": all(m == metrics for m in everyone), "metrics_bf16": metrics_bf16}  # fmt: skip
         Path(out).write_text(json.dumps(result))
-    dist.barrier()  # torch 2.13 gloo processes can abort at exit without it
-    dist.destroy_process_group()
+    shutdown()  # barrier, then destroy: torch 2.13 gloo processes can abort at exit without it
 
 
 @pytest.fixture(scope="module")
