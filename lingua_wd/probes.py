@@ -2,16 +2,16 @@
 top singular values of chosen linear layers Y = W X, exact under FSDP2 and cheap enough to leave on.
 
 The trainer calls two hooks around the optimizer step of a probe step t (see `Probes`):
-- `before_step`: snapshot this rank's rows of W_t, then run ONE extra no-grad forward of the probe
-  slice (rank 0's first sequences, broadcast) with forward hooks on the probed nn.Linear modules,
-  which keep X and ||W_t X||. That forward runs under `torch.compiler.set_stance("force_eager")`:
-  hooks inside blocks compiled in place (`block.compile()`) would otherwise recompile them (dynamo
-  guards on grad mode and on the hook dicts); eager, the compiled code is never touched. Without
-  grad, activation checkpointing does not recompute, so each hook fires once.
+- `before_step`: snapshot this rank's rows of W_t (fp32), then run ONE extra no-grad forward of the
+  probe slice (rank 0's first sequences, broadcast). Forward pre-hooks, registered once on the
+  probed nn.Linear modules and gated by a plain bool, keep X at `positions` evenly strided tokens
+  of each sequence. Blocks compiled in place (`block.compile()`) run that forward compiled: dynamo
+  guards on the bool and on grad mode, so the probe forward is one more graph per block, compiled
+  at the first probe and reused after; the training graphs trace the gated-off hooks as no-ops.
 - `after_step`: dW = W_{t+1} - W_t (total change, decay included) on the local rows; ||W_t||, ||dW||,
-  ||dW X|| and sigma_max are sums of per-shard partial sums (W is sharded by rows, X is replicated):
-  one all-reduce of a packed vector per probe step (plus one small all-reduce per power iteration),
-  no weight is ever all-gathered, one host sync.
+  ||W_t X||, ||dW X|| and sigma_max are sums of per-shard partial sums (W is sharded by rows, X is
+  replicated): batched by weight shape, one all-reduce of a packed vector per probe step (plus one
+  small all-reduce per power iteration), no weight is ever all-gathered, one host sync.
 
 Products run in X's dtype (what the forward used: bf16 under FSDP2 mixed precision), squared norms
 are always accumulated in fp32.
@@ -50,7 +50,7 @@ DEFAULT_METRICS = [m for m in METRICS if not m.startswith("grad_")]
 X_METRICS = {"weight_align", "update_align", "align_ratio", "rrc", "grad_update_align", "grad_rrc"}
 DW_METRICS = {"rel_update", "update_align", "align_ratio", "rrc"}
 GRAD_METRICS = {"grad_rel_update", "grad_update_align", "grad_rrc"}
-SUMS = ("w", "dw", "dwx", "sigma", "dwg", "dwgx")  # per-layer partial sums of squares, all-reduced
+SUMS = ("w", "y", "dw", "dwx", "sigma", "dwg", "dwgx")  # per-layer partial sums of squares, all-reduced
 CHUNK = 1 << 25  # elements per temporary in the chunked products and norms (bounds extra memory)
 COLD_ITERS = 30  # power iterations at a layer's first probe (random start); later probes warm-start
 
@@ -60,6 +60,7 @@ class ProbeArgs:
     every: int = 10  # probe every N optimizer steps (step % every == 0; 0 = off)
     layers: list[str] = field(default_factory=list)  # name globs of linears (layers.*.attention.wq) or all; [] = off
     fraction: float = 1 / 64  # share of one micro-batch giving the probe inputs X (>= 1 sequence)
+    positions: int = 1024  # tokens per probe sequence whose X is kept, evenly strided to the last (0 = all)
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))  # probes.METRICS names; grad_*: no decay
     power_iters: int = 2  # power-iteration steps per probe for sigma_max, warm-started from the last probe
 
@@ -67,6 +68,7 @@ class ProbeArgs:
 def check_probe_args(args: ProbeArgs) -> None:
     check(args.every >= 0, "probes.every", f"must be >= 0, got {args.every}")
     check(0 < args.fraction <= 1, "probes.fraction", f"must be in (0, 1], got {args.fraction}")
+    check(args.positions >= 0, "probes.positions", f"must be >= 0 (0 = every token), got {args.positions}")
     check(args.power_iters >= 1, "probes.power_iters", f"must be >= 1, got {args.power_iters}")
     for name in args.metrics:
         check(name in METRICS, "probes.metrics", f"unknown metric {name!r} (choose from {', '.join(METRICS)})")
@@ -104,6 +106,18 @@ def build_probes(args: ProbeArgs, model: nn.Module, scaling_args: Any = None) ->
     return Probes(args, model, layer_classes(model, names, scaling_args))
 
 
+def stride_positions(seq_len: int, positions: int) -> tuple[int, int]:
+    """(start, stride) of `positions` tokens evenly strided over a sequence, the last token included.
+
+    The forward still sees the whole sequence (X at a token depends on all earlier ones); only the
+    products after the step are made on the kept tokens. Token 0 is left out unless every token is kept.
+    """
+    if positions == 0 or positions >= seq_len:
+        return 0, 1
+    stride = seq_len // positions
+    return seq_len - 1 - (positions - 1) * stride, stride
+
+
 class Probes:
     """Called by the trainer inside a probe step (all ranks, same step):
 
@@ -125,14 +139,27 @@ class Probes:
         self.need_grad = bool(wanted & GRAD_METRICS)
         self.need_sigma = "sigma_max" in wanted
         self._v: dict[str, torch.Tensor] = {}  # power-iteration vectors (R^C, replicated), kept across probes
+        # the X capture: gated pre-hooks, registered once so compiled blocks never see the hook dicts change
+        self._capturing, self._start, self._stride = False, 0, 1
+        self._handles = [m.register_forward_pre_hook(self._keep_input) for m in self.modules.values()]
         self._reset()
+
+    def _keep_input(self, module: nn.Module, args: tuple) -> None:
+        # Traced by dynamo inside compiled blocks: it guards on the bool, so the training graphs
+        # hold a no-op; a module attribute (not a dict keyed by module) keeps one graph for all blocks.
+        if self._capturing:
+            module._probe_x = args[0][:, self._start :: self._stride].detach().clone()
+
+    def remove(self) -> None:
+        """Unregister the capture hooks (the model then runs exactly as without probes)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     def _reset(self) -> None:
         # W_t's local rows, stacked by shape (one batched op per shape instead of one per layer)
         self._groups: list[tuple[list[str], torch.Tensor]] = []
-        self._x: dict[str, torch.Tensor] = {}  # layer input X of the probe slice (a reference, not a copy)
-        self._y_sq: dict[str, torch.Tensor] = {}  # ||W_t X||^2 from the layer's own output
-        self._x_sq: dict[int, torch.Tensor] = {}  # ||X||^2 per distinct input tensor (wq, wk, wv share one)
+        self._x: dict[str, torch.Tensor] = {}  # layer -> X (N, C) on the kept tokens of the probe slice
         self._step: Optional[int] = None
 
     def due(self, step: int) -> bool:
@@ -148,7 +175,7 @@ class Probes:
 
     @torch.no_grad()
     def before_step(self, step: int, inputs: torch.Tensor) -> None:
-        """Snapshot W_t and capture X, ||W_t X|| on the probe slice of `inputs` (mb, T) (this rank's)."""
+        """Snapshot W_t and capture X on the probe slice of `inputs` (mb, T) (this rank's)."""
         self._reset()
         self._step = step
         _reshard(self.model)  # module.weight must be the sharded parameter the optimizer updates
@@ -169,26 +196,17 @@ class Probes:
             self._groups.append((names, buf))
 
     def _capture(self, tokens: torch.Tensor) -> None:
-        names = {m: n for n, m in self.modules.items()}
-
-        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            name = names[module]
-            if name in self._x:  # a module called twice: keep its first input
-                return
-            x = args[0]
-            self._x[name] = x
-            self._y_sq[name] = _sq_norm(out)
-            if id(x) not in self._x_sq:
-                self._x_sq[id(x)] = _sq_norm(x)
-
-        handles = [m.register_forward_hook(hook) for m in self.modules.values()]
+        self._start, self._stride = stride_positions(tokens.shape[1], self.args.positions)
+        self._capturing = True
         try:
-            with torch.compiler.set_stance("force_eager"):
-                self.model(tokens)
+            self.model(tokens)
         finally:
-            for h in handles:
-                h.remove()
+            self._capturing = False
             _reshard(self.model)  # an FSDP2 root keeps its params gathered after forward otherwise
+        for n, m in self.modules.items():
+            x = vars(m).pop("_probe_x", None)  # None: the module did not run in the forward
+            if x is not None:
+                self._x[n] = x.reshape(-1, x.shape[-1])
 
     @torch.no_grad()
     def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -199,23 +217,20 @@ class Probes:
         decays = _decays(optimizer, params)
         w1 = {n: _local(p).detach() for n, p in params.items()}
         order = [n for names, _ in self._groups for n in names]
-        zero = torch.zeros((), device=_device(self.model))
         cols: dict[str, list[torch.Tensor]] = {"w": [_sq_norms(buf) for _, buf in self._groups]}
+        if self.need_x:
+            cols["y"] = [self._x_products(names, buf) for names, buf in self._groups]
         if self.need_sigma:
             cols["sigma"] = self._power_iteration(group)
-        if self.need_grad:  # dW_g = W_{t+1} - (1 - d) W_t: the update with the decay removed, layer by layer
-            dwg_sq, dwgx_sq = [], []
-            for n, w0 in self._layers():
-                g = w1[n].float() - (1.0 - decays[n][2]) * w0 if n in decays else None
-                dwg_sq.append(zero if g is None else _sq_norm(g))
-                dwgx_sq.append(self._dwx(n, g, zero))
-            cols["dwg"], cols["dwgx"] = [torch.stack(dwg_sq)], [torch.stack(dwgx_sq)]
+        if self.need_grad:  # dW_g = W_{t+1} - (1 - d) W_t: the update with the decay removed
+            dwg = [self._grad_part(names, buf, w1, decays) for names, buf in self._groups]
+            cols["dwg"], cols["dwgx"] = [d for d, _ in dwg], [x for _, x in dwg]
         if self.need_dw:
             for names, buf in self._groups:  # in place: the buffer now holds W_t - W_{t+1} = -dW
                 torch._foreach_sub_(list(buf.unbind(0)), [w1[n] for n in names])
             cols["dw"] = [_sq_norms(buf) for _, buf in self._groups]
-            cols["dwx"] = [torch.stack([self._dwx(n, mdw, zero) for n, mdw in self._layers()])]
-        rows = self._reduce(order, {k: torch.cat(v) for k, v in cols.items()}, group, decays, zero)
+            cols["dwx"] = [self._x_products(names, buf) for names, buf in self._groups]
+        rows = self._reduce(order, {k: torch.cat(v) for k, v in cols.items()}, group, decays)
         out = {}
         for n in self.modules:
             for metric, v in layer_metrics(rows[n], tuple(params[n].shape), decays.get(n)).items():
@@ -225,14 +240,26 @@ class Probes:
         self._reset()
         return out
 
-    def _layers(self):
-        """(layer, its rows of the snapshot buffer) in buffer order."""
-        for names, buf in self._groups:
-            yield from zip(names, buf.unbind(0), strict=True)
+    def _x_products(self, names: list[str], ws: torch.Tensor) -> torch.Tensor:
+        """Partial ||W_l X_l||^2 for each layer l of a (layers, K_local, C) stack (0 for a layer without X)."""
+        xs = [self._x.get(n) for n in names]
+        have = [i for i, x in enumerate(xs) if x is not None]
+        out = torch.zeros(len(names), dtype=torch.float32, device=ws.device)
+        if have:
+            idx = torch.tensor(have, device=ws.device)
+            out[idx] = _bmm_sq_norms([xs[i] for i in have], ws[idx] if len(have) < len(names) else ws)
+        return out
 
-    def _dwx(self, name: str, dw: Optional[torch.Tensor], zero: torch.Tensor) -> torch.Tensor:
-        x = self._x.get(name)
-        return zero if x is None or dw is None else _sq_norm_product(dw, x)
+    def _grad_part(self, names: list[str], buf: torch.Tensor, w1: dict, decays: dict) -> tuple:
+        """(||dW_g||^2, ||dW_g X||^2) per layer, dW_g = W_{t+1} - (1 - d) W_t, in chunks of layers."""
+        a = torch.tensor([1.0 - decays[n][2] if n in decays else 0.0 for n in names], device=buf.device)
+        dwg, dwgx = [], []
+        for s in _layer_chunks(len(names), buf[0].numel()):
+            g = torch.stack([w1[n] for n in names[s]]).float()
+            g.addcmul_(buf[s], a[s].view(-1, 1, 1), value=-1.0)
+            dwg.append(_sq_norms(g))
+            dwgx.append(self._x_products(names[s], g))
+        return torch.cat(dwg), torch.cat(dwgx)
 
     def _power_iteration(self, group: Any) -> list[torch.Tensor]:
         """Partial ||W_t v||^2 per layer, v the top right singular vector estimate (sigma_max^2 once reduced).
@@ -262,26 +289,25 @@ class Probes:
             torch.bmm(buf, v.unsqueeze(-1)).square().sum((1, 2)) for (_, buf), v in zip(self._groups, vs, strict=True)
         ]
 
-    def _reduce(self, order: list[str], cols: dict[str, torch.Tensor], group: Any, decays: dict, zero) -> dict:
-        """All-reduce the per-shard partial sums (one collective), add the replicated X norms, one host sync."""
+    def _reduce(self, order: list[str], cols: dict[str, torch.Tensor], group: Any, decays: dict) -> dict:
+        """All-reduce the per-shard partial sums (one collective), add the replicated ||X||^2, one host sync."""
         keys = list(cols)
         packed = torch.cat([cols[k] for k in keys])
         if group is not None:
             dist.all_reduce(packed, group=group)
-        x_sq = [self._x_sq[id(self._x[n])] if n in self._x else zero for n in order]
-        rep = torch.stack([self._y_sq.get(n, zero) for n in order] + x_sq)
-        flat = torch.cat([packed, rep]).tolist()
+        have = [n for n in order if n in self._x]
+        x_norms = torch._foreach_norm([self._x[n] for n in have], 2, dtype=torch.float32) if have else []
+        flat = torch.cat([packed, torch.stack(x_norms).square()] if have else [packed]).tolist()
+        x_sq = dict(zip(have, flat[packed.numel() :], strict=True))
         L, rows = len(order), {}
         for i, n in enumerate(order):
             row: dict[str, Optional[float]] = dict.fromkeys(SUMS)
             row.update({k: flat[j * L + i] for j, k in enumerate(keys)})
+            row["x"] = x_sq.get(n)
             if n not in self._x:  # no X: the X-based sums are not defined
-                row["dwx"] = row["dwgx"] = None
+                row["y"] = row["dwx"] = row["dwgx"] = row["x"] = None
             if n not in decays:
                 row["dwg"] = row["dwgx"] = None
-            row["y"], row["x"] = (
-                (flat[len(keys) * L + i], flat[len(keys) * L + L + i]) if n in self._x else (None, None)
-            )
             rows[n] = row
         return rows
 
@@ -383,23 +409,29 @@ def _device(model: nn.Module) -> torch.device:
     return _local(next(model.parameters())).device
 
 
-def _sq_norm(t: torch.Tensor) -> torch.Tensor:
-    """||t||^2 as an fp32 scalar, accumulated in fp32 whatever t's dtype (bf16 outputs included)."""
-    flat = t.reshape(-1)
-    total = torch.zeros((), dtype=torch.float32, device=t.device)
-    for chunk in flat.split(CHUNK):
-        total += torch.linalg.vector_norm(chunk, dtype=torch.float32).square()
-    return total
+def _layer_chunks(layers: int, per_layer: int) -> list[slice]:
+    """Slices of a layer stack whose temporaries (`per_layer` elements per layer) stay near CHUNK."""
+    n = max(1, CHUNK // max(1, per_layer))
+    return [slice(s, min(s + n, layers)) for s in range(0, layers, n)]
 
 
-def _sq_norm_product(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """||W_local X||^2 (this rank's rows of W X), in X's dtype, chunked over rows to bound memory."""
-    x2 = x.reshape(-1, x.shape[-1])  # (N, C)
-    total = torch.zeros((), dtype=torch.float32, device=w.device)
-    rows = max(1, CHUNK // max(1, x2.shape[0]))
-    for wc in w.split(rows):
-        total += _sq_norm(x2 @ wc.to(x2.dtype).T)  # (N, rows)
-    return total
+def _bmm_sq_norms(xs: list[torch.Tensor], ws: torch.Tensor) -> torch.Tensor:
+    """||X_l W_l^T||^2 for each layer l: X_l (N, C) of xs, W_l (K, C) of the stack ws, fp32 results.
+
+    Products in X's dtype (bf16 under mixed precision), squares summed in fp32; batched over layers
+    and chunked over layers and rows of W, so no temporary is much larger than CHUNK elements.
+    """
+    (n_tok, c), k = xs[0].shape, ws.shape[1]
+    rows = max(1, min(k, CHUNK // max(1, n_tok)))
+    out = []
+    for s in _layer_chunks(len(xs), n_tok * c + rows * (n_tok + c)):
+        x = torch.stack(xs[s])  # (l, N, C)
+        total = torch.zeros(x.shape[0], dtype=torch.float32, device=ws.device)
+        for r in range(0, k, rows):
+            prod = torch.bmm(x, ws[s, r : r + rows].to(x.dtype).transpose(1, 2))  # (l, N, rows)
+            total += torch.linalg.vector_norm(prod, dim=(1, 2), dtype=torch.float32).square()
+        out.append(total)
+    return torch.cat(out)
 
 
 def _sq_norms(buf: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,11 @@
 
 For each width: the reference model (20 blocks, head dim 128, MLP 3d, llama3 vocabulary, seq 4096),
 lingua_wd.distributed.parallelize (FSDP2, bf16 params / fp32 reduce, blocks compiled in place), the
-optimizer of lingua_wd.optim, random tokens, and the trainer's step with one micro-batch. Blocks of
-steps with probes off and on alternate (best of --reps); each "on" block holds steps/every probe
-steps. Prints a markdown table.
+optimizer of lingua_wd.optim, random tokens, and the trainer's own `train_step` (chunked output+CE,
+`--accum` micro-batches). Blocks of steps with probes off and on alternate (best of --reps); each
+"on" block holds steps/every probe steps. Both run the same model: its capture hooks are registered
+once and gated off outside probe forwards, as in a run with probes configured. Prints a markdown
+table; `--cpu-smoke` runs tiny shapes on CPU to check the script itself (its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -19,32 +21,19 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lingua_wd.distributed import DistributedArgs, init_distributed, parallelize, shutdown  # noqa: E402
 from lingua_wd.model import ModelArgs, Transformer, count_params  # noqa: E402
-from lingua_wd.optim import OptimArgs, build_optimizer, clip_grad_norm_  # noqa: E402
+from lingua_wd.optim import OptimArgs, build_optimizer  # noqa: E402
 from lingua_wd.probes import ProbeArgs, build_probes  # noqa: E402
 from lingua_wd.scaling import ScalingArgs  # noqa: E402
 from lingua_wd.schedule import ScheduleArgs  # noqa: E402
+from lingua_wd.train import TrainArgs, train_step  # noqa: E402
 
-
-def train_step(model, batch, opt, sched, probes, step: int, accum: int = 1) -> None:
-    """lingua_wd.train's step: `accum` micro-batches of backward, clip, probe hooks around the optimizer step."""
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    for _ in range(accum):
-        (F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten()) / accum).backward()
-    clip_grad_norm_(model, 1.0)
-    probing = probes is not None and probes.due(step)
-    if probing:
-        probes.before_step(step, inputs)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if probing:
-        probes.after_step(step, opt)
-    sched.step()
+SMOKE = dict(dims=[64], n_layers=2, head_dim=32, vocab=256, seq=64, micro_batch=2, accum=2, every=2, steps=4,
+             warmup=2, reps=1, no_compile=True)  # fmt: skip
 
 
 def build(dim: int, a, env) -> Transformer:
@@ -58,20 +47,25 @@ def build(dim: int, a, env) -> Transformer:
     return model
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(n: int, step0: int, run_step) -> tuple[float, int]:
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     for i in range(n):
         run_step(step0 + i)
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - t, step0 + n
 
 
 def sync_ms(fn) -> float:
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    sync()
     return 1e3 * (time.perf_counter() - t)
 
 
@@ -80,7 +74,7 @@ def profile_probe(model, batch, opt, probes, step: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     def backward():
-        F.cross_entropy(model(batch[:, :-1]).flatten(0, 1).float(), batch[:, 1:].flatten()).backward()
+        model(batch[:, :-1], batch[:, 1:]).backward()
 
     for i in range(3):
         backward()
@@ -89,20 +83,22 @@ def profile_probe(model, batch, opt, probes, step: int) -> None:
         after = sync_ms(lambda s=step + i: probes.after_step(s, opt))
         opt.zero_grad(set_to_none=True)
         print(f"probe step: before_step {before:.1f} ms, after_step {after:.1f} ms")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     for name in ("before_step", "after_step"):
         backward()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=acts) as prof:
             probes.before_step(step + 3, batch[:, :-1])
-            torch.cuda.synchronize()
+            sync()
         opt.step()
         if name == "after_step":
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with profile(activities=acts) as prof:
                 probes.after_step(step + 3, opt)
-                torch.cuda.synchronize()
+                sync()
         else:
             probes.after_step(step + 3, opt)
         opt.zero_grad(set_to_none=True)
-        print(name, prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+        print(name, prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60))
 
 
 def bench(dim: int, a, env) -> dict:
@@ -110,15 +106,16 @@ def bench(dim: int, a, env) -> dict:
     total = a.warmup + 2 * a.reps * a.steps + 10
     tokens_per_step = a.micro_batch * a.accum * env.world * a.seq
     opt, sched = build_optimizer(model, OptimArgs(), ScalingArgs(), ScheduleArgs(), total, tokens_per_step)
-    probes = build_probes(ProbeArgs(every=a.every, layers=a.layers), model, ScalingArgs())
+    probe_args = ProbeArgs(every=a.every, layers=a.layers, fraction=a.fraction, positions=a.positions)
+    probes = build_probes(probe_args, model, ScalingArgs())
     gen = torch.Generator(device=env.device).manual_seed(env.rank)
-    batches = [
-        torch.randint(0, a.vocab, (a.micro_batch, a.seq + 1), device=env.device, generator=gen) for _ in range(4)
-    ]
+    rows = a.micro_batch * a.accum
+    batches = [torch.randint(0, a.vocab, (rows, a.seq + 1), device=env.device, generator=gen) for _ in range(4)]
+    targs = TrainArgs()
 
     def step_fn(with_probes):
         def run(step):
-            train_step(model, batches[step % 4], opt, sched, probes if with_probes else None, step, a.accum)
+            train_step(model, batches[step % 4], opt, sched, targs, a.accum, step, probes if with_probes else None)
 
         return run
 
@@ -126,13 +123,15 @@ def bench(dim: int, a, env) -> dict:
     _, step = timed(a.warmup, step, step_fn(True))  # compile, cold-start power iteration
     best = {False: math.inf, True: math.inf}
     peak = {}
+    cuda = env.device.type == "cuda"
     for _ in range(a.reps):
         for on in (False, True):
-            torch.cuda.reset_peak_memory_stats()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             step = math.ceil(step / a.every) * a.every  # each block starts on a probe step: steps/every probes
             dt, step = timed(a.steps, step, step_fn(on))
             best[on] = min(best[on], dt)
-            peak[on] = torch.cuda.max_memory_allocated() / 2**30
+            peak[on] = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     if a.profile:
         profile_probe(model, batches[0], opt, probes, math.ceil(step / a.every) * a.every)
     tok = a.steps * tokens_per_step
@@ -164,23 +163,30 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per step (gradient accumulation)")
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--layers", nargs="+", default=["all"], help="probes.layers")
+    ap.add_argument("--fraction", type=float, default=ProbeArgs.fraction, help="probes.fraction")
+    ap.add_argument("--positions", type=int, default=ProbeArgs.positions, help="probes.positions (0 = all)")
     ap.add_argument("--steps", type=int, default=30, help="steps per timed block (a multiple of --every)")
     ap.add_argument("--warmup", type=int, default=12)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--ac", action="store_true", help="activation checkpointing")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also time and profile before_step / after_step")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU, no compile: checks the script")
     a = ap.parse_args()
+    if a.cpu_smoke:
+        vars(a).update(SMOKE)
     env = init_distributed(DistributedArgs())
-    assert env.device.type == "cuda", "this benchmark needs a GPU"
+    if env.device.type != "cuda" and not a.cpu_smoke:
+        sys.exit("bench_probes.py: this benchmark needs a GPU (--cpu-smoke checks the script on CPU)")
     rows = []
     for d in a.dims:
         rows.append(bench(d, a, env))
-        torch.cuda.empty_cache()
+        if env.device.type == "cuda":
+            torch.cuda.empty_cache()
     if env.is_main:
-        gpu = torch.cuda.get_device_name()
-        print(f"\n{gpu} x {env.world}, seq {a.seq}, micro-batch {a.micro_batch}, bf16, compile {not a.no_compile}, "
-              f"AC {a.ac}, probes on {a.layers} every {a.every} steps\n")  # fmt: skip
+        gpu = torch.cuda.get_device_name() if env.device.type == "cuda" else "CPU (smoke run: figures mean nothing)"
+        print(f"\n{gpu} x {env.world}, seq {a.seq}, micro-batch {a.micro_batch}, {'fp32' if a.cpu_smoke else 'bf16'}, compile {not a.no_compile}, "
+              f"AC {a.ac}, probes on {a.layers} every {a.every} steps, {a.positions or 'all'} positions\n")  # fmt: skip
         print("| d | params | seqs/rank/step | probed linears | step ms (off) | tokens/s off | tokens/s on | overhead "
               "| ms per probe step | peak GiB off / on |")  # fmt: skip
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

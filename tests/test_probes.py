@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lingua_wd import probes as probes_mod
 from lingua_wd.args import ConfigError
 from lingua_wd.model import ModelArgs, Transformer
-from lingua_wd.probes import METRICS, ProbeArgs, _sq_norm, _sq_norm_product, build_probes
+from lingua_wd.probes import METRICS, ProbeArgs, _bmm_sq_norms, build_probes, stride_positions
 
 VOCAB, T = 97, 16
 ALL = list(METRICS)
@@ -58,8 +59,9 @@ def linears(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def capture(fraction):
-    """An independent record of W_t (float64) and X (the probe slice's layer inputs) before the step."""
+def capture(fraction, start=0, stride=1):
+    """An independent record of W_t (float64) and X (the probe slice's layer inputs at tokens
+    start, start + stride, ...) before the step."""
 
     def on_step(model, inputs):
         n = max(1, math.ceil(fraction * inputs.shape[0]))
@@ -67,7 +69,7 @@ def capture(fraction):
 
         def keep(name):
             def hook(mod, args, out):
-                xs.setdefault(name, args[0].clone())
+                xs.setdefault(name, args[0][:, start::stride].clone())
 
             return hook
 
@@ -106,11 +108,15 @@ def reference(w0, w1, x, lr, wd) -> dict[str, float]:
     return {k: float(v) for k, v in out.items()}
 
 
-def test_metrics_match_float64_recomputation():
-    """Every logged metric of every linear, every step, equals the float64 recomputation (rel err < 1e-4)."""
+@pytest.mark.parametrize("positions", [0, 5])
+def test_metrics_match_float64_recomputation(positions):
+    """Every logged metric of every linear, every step, equals the float64 recomputation (rel err < 1e-4),
+    with X on every token (0) or on 5 of the 16 tokens (3, 6, ..., 15)."""
     model, data, frac, lr, wd = tiny(), batches(4), 0.5, 1e-2, 0.1
-    probes = build_probes(ProbeArgs(every=1, layers=["all"], fraction=frac, metrics=ALL, power_iters=300), model)
-    _, records = train(model, data, probes, lr=lr, wd=wd, on_step=capture(frac))
+    args = ProbeArgs(every=1, layers=["all"], fraction=frac, positions=positions, metrics=ALL, power_iters=300)
+    start, stride = stride_positions(T, positions)
+    assert (start, stride) == ((0, 1) if positions == 0 else (3, 3))
+    _, records = train(model, data, build_probes(args, model), lr=lr, wd=wd, on_step=capture(frac, start, stride))
     for step, (out, (w0, xs), _) in enumerate(records):
         w1s = {n: m.weight.detach().double() for n, m in linears(model).items()} if step == len(records) - 1 else None
         if w1s is None:
@@ -120,6 +126,15 @@ def test_metrics_match_float64_recomputation():
             for metric in ALL:
                 got = out[f"probe/{name}/{metric}"]
                 assert got == pytest.approx(ref[metric], rel=1e-4), (step, name, metric, got, ref[metric])
+
+
+def test_stride_positions():
+    assert stride_positions(4096, 1024) == (3, 4)  # tokens 3, 7, ..., 4095
+    assert stride_positions(4096, 0) == stride_positions(4096, 4096) == stride_positions(16, 99) == (0, 1)
+    for t, p in [(4096, 1000), (17, 4), (100, 99), (5, 1)]:
+        start, stride = stride_positions(t, p)
+        kept = range(start, t, stride)
+        assert len(kept) == p and kept[-1] == t - 1 and start > 0
 
 
 def test_eq4_identity_and_medians():
@@ -184,24 +199,35 @@ def test_activation_checkpointing_gives_same_metrics():
         assert outs[1][k] == pytest.approx(outs[0][k], rel=1e-6), k
 
 
-def test_compiled_blocks_no_recompile_and_same_training():
-    """Blocks compiled in place (block.compile()): the probe forward runs eager, nothing recompiles,
-    losses are bitwise equal with probes on and off, and the metrics match the eager model's."""
+@pytest.mark.parametrize("ac", [False, True])
+def test_compiled_blocks_no_recompile_and_same_training(ac):
+    """Blocks compiled in place (block.compile()): the probe forward runs compiled (new graphs at the
+    first probe, none after), losses are bitwise equal with probes on and off, with and without
+    activation checkpointing, and the metrics match the eager model's."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
+    counters.clear()
     data = batches(4)
     eager = tiny()
     compiled_off, compiled_on = copy.deepcopy(eager), copy.deepcopy(eager)
     for m in (compiled_off, compiled_on):
+        m.activation_checkpointing = ac
         for block in m.layers:
             block.compile()
     losses_off, _ = train(compiled_off, data)
-    graphs = counters["stats"]["unique_graphs"]
-    assert graphs >= 1
+    graphs_off = counters["stats"]["unique_graphs"]
+    assert graphs_off >= 1
     args = ProbeArgs(every=1, layers=["all"])
-    losses_on, records = train(compiled_on, data, build_probes(args, compiled_on))
-    assert counters["stats"]["unique_graphs"] == graphs  # the probes compiled nothing new
+    seen = []
+    losses_on, records = train(
+        compiled_on,
+        data,
+        build_probes(args, compiled_on),
+        on_step=lambda *_: seen.append(counters["stats"]["unique_graphs"]),
+    )
+    assert seen[1] > seen[0] and seen[1] == seen[-1] == counters["stats"]["unique_graphs"]  # compiled once, reused
+    assert not counters["graph_break"]
     assert losses_on == losses_off
     _, eager_records = train(eager, data[:1], build_probes(args, eager))
     for k, v in eager_records[0][0].items():
@@ -264,16 +290,22 @@ def test_sigma_max_warm_start_converges():
     assert err[0] > 1e-5 and abs(err[-1]) < 1e-6
 
 
-def test_bf16_norms_accumulate_in_fp32():
+def test_bf16_norms_accumulate_in_fp32(monkeypatch):
+    """bf16 X (mixed precision): ||X||^2 and the batched, chunked ||X W_l^T||^2 are summed in fp32."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3000, 64, generator=gen).bfloat16()
-    w = torch.randn(200, 64, generator=gen)
     exact_x = x.double().square().sum()
-    assert _sq_norm(x).dtype == torch.float32
-    assert float(_sq_norm(x)) == pytest.approx(float(exact_x), rel=1e-4)
+    (norm,) = torch._foreach_norm([x], 2, dtype=torch.float32)  # what after_step uses for ||X||
+    assert norm.dtype == torch.float32 and float(norm) ** 2 == pytest.approx(float(exact_x), rel=1e-4)
     assert float(torch.linalg.vector_norm(x)) ** 2 != pytest.approx(float(exact_x), rel=1e-4)  # bf16 result: worse
-    exact_wx = (x.double() @ w.bfloat16().double().T).square().sum()
-    assert float(_sq_norm_product(w, x)) == pytest.approx(float(exact_wx), rel=1e-2)  # bf16 products, fp32 sums
+    ws = torch.randn(3, 200, 64, generator=gen)
+    xs = [x, x.flip(0), x * 2]
+    monkeypatch.setattr(probes_mod, "CHUNK", 100_000)  # forces chunks of layers and of rows of W
+    got = _bmm_sq_norms(xs, ws)
+    assert got.dtype == torch.float32
+    for xl, wl, g in zip(xs, ws, got.tolist(), strict=True):
+        exact = (xl.double() @ wl.bfloat16().double().T).square().sum()
+        assert g == pytest.approx(float(exact), rel=1e-2)  # bf16 products, fp32 sums
 
 
 def test_trainer_one_config_line_and_plot(tmp_path, tiny):
@@ -295,3 +327,14 @@ def test_trainer_one_config_line_and_plot(tmp_path, tiny):
                    check=True, capture_output=True)  # fmt: skip
     for ext in ("png", "pdf"):
         assert (tmp_path / f"fig.{ext}").stat().st_size > 10_000
+
+
+def test_bench_probes_script_runs_on_cpu():
+    """scripts/bench_probes.py end to end on tiny CPU shapes (the trainer's train_step, probes off and on)."""
+    from conftest import ROOT, env
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_probes.py"), "--cpu-smoke"], cwd=ROOT,
+                          env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = [line for line in proc.stdout.splitlines() if line.startswith("| 64 |")]
+    assert len(row) == 1 and "| 15 |" in row[0]  # 2 blocks x 7 linears + output probed
