@@ -3,6 +3,7 @@
     python scripts/bench.py --baseline hf                       # d = 512, 1024, 2048 (micro-batch 8, 4, 2 and 4)
     python scripts/bench.py --skip-main --levers                # each lever on/off at d=1024, micro-batch 4
     python scripts/bench.py --cpu-smoke --baseline hf --levers  # tiny shapes on CPU: proves the script runs
+    python scripts/bench.py --dims 512 --micro-batch 8 --profile # + where each step's GPU time goes
 
 Each row builds a fresh model exactly as the trainer does (meta -> FSDP2 with bf16 params / fp32 reduce,
 per-block compile -> to_empty -> init_weights; AdamW from lingua_wd.optim.build_optimizer), runs warm-up
@@ -17,11 +18,13 @@ import argparse
 import contextlib
 import datetime
 import gc
+import re
 import statistics
 import sys
 import time
 import traceback
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -147,6 +150,21 @@ def hf_step(model, fwd, opt, batch: torch.Tensor) -> torch.Tensor:
 
 # ---- timing ------------------------------------------------------------------------------------------------------
 
+# kernel (CUDA) or op (CPU smoke) name -> where the step's time goes; first match wins, the rest is "other"
+CATEGORIES = {
+    "attention": r"flash|fmha|sdpa|attention|attn",
+    "matmul": r"gemm|cutlass|xmma|nvjet|wgmma|cublas|aten::(mm|bmm|addmm|matmul|linear)$",
+    "compiled (triton)": r"^triton_",
+    "optimizer+clip": r"adam|multi_tensor_apply|foreach|aten::_fused",
+    "copies+comm": r"chunk_cat|split_with_sizes|memcpy|memset|copy|nccl|all_gather|reduce_scatter|catarray",
+    "elementwise (eager)": r"elementwise|vectorized|reduce_kernel|unrolled|aten::",
+}
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    return next((cat for cat, pat in CATEGORIES.items() if re.search(pat, low)), "other")
+
 
 def sdpa_context(backend: str):
     if backend == "default":
@@ -187,22 +205,56 @@ def time_steps(step: Callable[[], torch.Tensor], warmup: int, steps: int, device
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize(device)
     ms = [start.elapsed_time(end) for start, end in events]
-    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    sources = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)  # the Python line that synced
     return {"step_ms": statistics.median(ms), "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9,
-            "syncs": syncs / steps}  # fmt: skip
+            "syncs": len(syncs) / steps, "sync_sources": dict(sources)}  # fmt: skip
 
 
-def measure(cfg: Config, s: Shape, device: torch.device, warmup: int, steps: int) -> dict:
-    """One row: build, warm up, time. Everything it allocates dies with this frame."""
+def profile_steps(step: Callable[[], torch.Tensor], device: torch.device, steps: int = 2) -> dict[str, float]:
+    """ms per step by category of the kernels that ran (CUDA) or of the ops (CPU smoke), from torch.profiler.
+
+    `GPU idle` is the step time left uncovered by kernels: launch gaps, the CPU running ahead too little
+    (a CPU-bound step). Kernels on different streams (FSDP2's all-gathers) can overlap, so idle is a lower bound.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    wall_ms = 1e3 * (time.perf_counter() - t0) / steps
+    out: dict[str, float] = dict.fromkeys([*CATEGORIES, "other"], 0.0)
+    for e in prof.key_averages():
+        if cuda and e.device_type == torch.autograd.DeviceType.CUDA:
+            out[kernel_category(e.key)] += e.self_device_time_total / 1e3 / steps
+        elif not cuda and e.key.startswith("aten::"):
+            out[kernel_category(e.key)] += e.self_cpu_time_total / 1e3 / steps
+    out["GPU idle" if cuda else "not in aten ops"] = max(0.0, wall_ms - sum(out.values()))
+    out["profiled step ms"] = wall_ms
+    return out
+
+
+def measure(cfg: Config, s: Shape, device: torch.device, warmup: int, steps: int, profile: bool = False) -> dict:
+    """One row: build, warm up, time (and profile). Everything it allocates dies with this frame."""
     gen = torch.Generator(device=device).manual_seed(0)
     batch = torch.randint(s.vocab, (cfg.micro_batch, s.seq + 1), device=device, generator=gen)
     with sdpa_context(cfg.sdpa):
         if cfg.impl == "ours":
             model, opt, sched = build_ours(cfg, s, device, total_steps=1000)
-            timing = time_steps(lambda: ours_step(model, opt, sched, batch, cfg.ce), warmup, steps, device)
+            step = lambda: ours_step(model, opt, sched, batch, cfg.ce)  # noqa: E731
         else:
             model, fwd, opt = build_hf(cfg, s, device)
-            timing = time_steps(lambda: hf_step(model, fwd, opt, batch), warmup, steps, device)
+            step = lambda: hf_step(model, fwd, opt, batch)  # noqa: E731
+        timing = time_steps(step, warmup, steps, device)
+        if profile:
+            timing["breakdown"] = profile_steps(step, device)
     tps = cfg.micro_batch * s.seq / (timing["step_ms"] / 1e3)
     mfu = tps * flops_per_token(cfg.dim, s) / (PEAK_TFLOPS * 1e12) if device.type == "cuda" else None
     return {"tokens_per_s": tps, "mfu": mfu, **timing}
@@ -216,11 +268,11 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_row(cfg: Config, s: Shape, device: torch.device, warmup: int, steps: int) -> dict:
+def run_row(cfg: Config, s: Shape, device: torch.device, warmup: int, steps: int, profile: bool = False) -> dict:
     """measure() with out-of-memory (and any other failure) reported in the row instead of raised."""
     status = "ok"
     try:
-        result = measure(cfg, s, device, warmup, steps)
+        result = measure(cfg, s, device, warmup, steps, profile)
     except Exception as err:  # noqa: BLE001 -- one failed row must not lose the others
         text = str(err)
         if isinstance(err, torch.OutOfMemoryError) or "out of memory" in text.lower():
@@ -311,8 +363,32 @@ def write_markdown(path: Path, rows: list[dict], s: Shape, meta: dict) -> None:
         mine = [r for r in rows if bool(r["cfg"].lever) == (section == "levers")]
         if mine:
             lines += ["", HEADER[section], RULE] + [fmt_row(r, rows) for r in mine]
+    lines += breakdown_lines(rows)
+    sources = {
+        f"{r['cfg'].lever or r['cfg'].impl} d={r['cfg'].dim}": r["sync_sources"] for r in rows if r.get("sync_sources")
+    }
+    if sources:
+        lines += ["", "Host syncs in the timed steps (Python line that synchronized: count over all timed steps):", ""]
+        lines += [f"- {row}: " + ", ".join(f"`{k}` x{v}" for k, v in src.items()) for row, src in sources.items()]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+
+
+def breakdown_lines(rows: list[dict]) -> list[str]:
+    """The --profile table: ms per step in each category, and its share of the profiled step."""
+    prof = [r for r in rows if r.get("breakdown")]
+    if not prof:
+        return []
+    cols = list(prof[0]["breakdown"])
+    lines = ["", "Where a step's time goes (`--profile`: torch.profiler over 2 steps, kernel time by name; ms per step "
+             "and share of the profiled step):", "", "| run | d | micro-batch | " + " | ".join(cols) + " |",
+             "|" + " --- |" * (3 + len(cols))]  # fmt: skip
+    for r in prof:
+        b, cfg = r["breakdown"], r["cfg"]
+        total = b["profiled step ms"] or 1.0
+        cells = [f"{b[c]:.1f}" if c == "profiled step ms" else f"{b[c]:.1f} ({100 * b[c] / total:.0f}%)" for c in cols]
+        lines.append(f"| {cfg.lever or cfg.impl} | {cfg.dim} | {cfg.micro_batch} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # ---- what to run -------------------------------------------------------------------------------------------------
@@ -374,6 +450,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default="docs/benchmarks_perf.md", help="markdown table written after every row")
     p.add_argument("--budget-s", type=float, default=0, help="skip the rows left after this many seconds (0: none)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU, no compile: checks the script")
+    p.add_argument("--profile", action="store_true", help="also profile 2 steps per row: time by kernel category")
     return p.parse_args(argv)
 
 
@@ -416,7 +493,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.budget_s and elapsed > args.budget_s:
             rows.append({"cfg": cfg, "status": "skipped (time budget)"})
         else:
-            rows.append(run_row(cfg, s, device, args.warmup, args.steps))
+            rows.append(run_row(cfg, s, device, args.warmup, args.steps, args.profile))
         say(f"{fmt_row(rows[-1], rows)}  [{time.perf_counter() - t:.0f}s]", flush=True)
         if env.is_main:
             write_markdown(Path(args.out), rows, s, meta)

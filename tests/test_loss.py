@@ -217,3 +217,44 @@ def test_bench_cpu_smoke_runs_every_row(tmp_path):
     assert {"base", "CE plain", "CE chunked eager", "no block compile", "foreach AdamW"} <= set(names)
     assert "OOM" not in table and "error" not in table
     assert "torch " in table and "command: `python" in table
+
+
+def test_bench_profile_breakdown_adds_up(tmp_path):
+    """--profile: per row, the categories and the uncovered remainder add up to the profiled step."""
+    out = tmp_path / "bench.md"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--cpu-smoke", "--profile", "--warmup", "1",
+           "--steps", "1", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    table = text[text.index("Where a step's time goes") :].splitlines()
+    header = [c.strip() for c in table[2].split("|")[1:-1]]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table[4:] if line.startswith("| ours")]
+    assert len(rows) == 3
+    for row in rows:
+        cells = dict(zip(header, row, strict=True))
+        parts = [
+            float(v.split()[0]) for k, v in cells.items() if k not in ("run", "d", "micro-batch", "profiled step ms")
+        ]
+        assert sum(parts) == pytest.approx(float(cells["profiled step ms"]), abs=0.1 * len(parts))
+        assert float(cells["matmul"].split()[0]) > 0 and float(cells["attention"].split()[0]) > 0
+
+
+def test_bench_kernel_categories():
+    """Real H100 kernel names (cuBLAS, nvjet, flash / cuDNN attention, fused AdamW, FSDP2 copies, inductor)."""
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cases = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off_kernel__5x_cublas": "matmul",  # noqa: E501
+        "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN": "matmul",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<128, 64>>": "attention",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128_4x1x1_kernel0_0": "attention",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>": "optimizer+clip",
+        "void at::native::(anonymous namespace)::chunk_cat_cuda_kernel<c10::BFloat16, c10::BFloat16>": "copies+comm",
+        "ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "copies+comm",
+        "triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0": "compiled (triton)",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "elementwise (eager)",
+    }
+    for name, cat in cases.items():
+        assert bench.kernel_category(name) == cat, name
