@@ -141,7 +141,8 @@ class Probes:
         self._v: dict[str, torch.Tensor] = {}  # power-iteration vectors (R^C, replicated), kept across probes
         # the X capture: gated pre-hooks, registered once so compiled blocks never see the hook dicts change
         self._capturing, self._start, self._stride = False, 0, 1
-        self._handles = [m.register_forward_pre_hook(self._keep_input) for m in self.modules.values()]
+        hooked = self.modules.values() if self.need_x else []
+        self._handles = [m.register_forward_pre_hook(self._keep_input) for m in hooked]
         self._reset()
 
     def _keep_input(self, module: nn.Module, args: tuple) -> None:

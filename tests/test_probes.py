@@ -248,7 +248,13 @@ def test_layer_patterns_metrics_and_off():
         "probe/median/hidden/sigma_max",
         "probe/median/hidden/rrc",
     }
-    assert len(build_probes(ProbeArgs(layers=["all"]), model).modules) == 2 * 7 + 1
+    every = build_probes(ProbeArgs(layers=["all"]), model)
+    assert len(every.modules) == 2 * 7 + 1
+    hooks = lambda: sum(len(m._forward_pre_hooks) for m in model.modules())  # noqa: E731
+    before = hooks()
+    every.remove()
+    assert hooks() == before - 15  # the capture hooks are gone: the model runs as without probes
+    assert len(build_probes(ProbeArgs(layers=["all"], metrics=["sigma_max"]), model)._handles) == 0  # no X: no hooks
     assert len(build_probes(ProbeArgs(layers=["layers.*.attention.w?"]), model).modules) == 2 * 4
 
 
