@@ -218,19 +218,20 @@ class Probes:
         decays = _decays(optimizer, params)
         w1 = {n: _local(p).detach() for n, p in params.items()}
         order = [n for names, _ in self._groups for n in names]
+        xs = [self._stack_x(names, buf.shape[-1]) for names, buf in self._groups]  # once per group, reused
         cols: dict[str, list[torch.Tensor]] = {"w": [_sq_norms(buf) for _, buf in self._groups]}
         if self.need_x:
-            cols["y"] = [self._x_products(names, buf) for names, buf in self._groups]
+            cols["y"] = [_products(x, buf) for x, (_, buf) in zip(xs, self._groups, strict=True)]
         if self.need_sigma:
             cols["sigma"] = self._power_iteration(group)
         if self.need_grad:  # dW_g = W_{t+1} - (1 - d) W_t: the update with the decay removed
-            dwg = [self._grad_part(names, buf, w1, decays) for names, buf in self._groups]
+            dwg = [_grad_part(names, buf, x, w1, decays) for x, (names, buf) in zip(xs, self._groups, strict=True)]
             cols["dwg"], cols["dwgx"] = [d for d, _ in dwg], [x for _, x in dwg]
         if self.need_dw:
             for names, buf in self._groups:  # in place: the buffer now holds W_t - W_{t+1} = -dW
                 torch._foreach_sub_(list(buf.unbind(0)), [w1[n] for n in names])
             cols["dw"] = [_sq_norms(buf) for _, buf in self._groups]
-            cols["dwx"] = [self._x_products(names, buf) for names, buf in self._groups]
+            cols["dwx"] = [_products(x, buf) for x, (_, buf) in zip(xs, self._groups, strict=True)]
         rows = self._reduce(order, {k: torch.cat(v) for k, v in cols.items()}, group, decays)
         out = {}
         for n in self.modules:
@@ -241,26 +242,14 @@ class Probes:
         self._reset()
         return out
 
-    def _x_products(self, names: list[str], ws: torch.Tensor) -> torch.Tensor:
-        """Partial ||W_l X_l||^2 for each layer l of a (layers, K_local, C) stack (0 for a layer without X)."""
-        xs = [self._x.get(n) for n in names]
-        have = [i for i, x in enumerate(xs) if x is not None]
-        out = torch.zeros(len(names), dtype=torch.float32, device=ws.device)
-        if have:
-            idx = torch.tensor(have, device=ws.device)
-            out[idx] = _bmm_sq_norms([xs[i] for i in have], ws[idx] if len(have) < len(names) else ws)
-        return out
-
-    def _grad_part(self, names: list[str], buf: torch.Tensor, w1: dict, decays: dict) -> tuple:
-        """(||dW_g||^2, ||dW_g X||^2) per layer, dW_g = W_{t+1} - (1 - d) W_t, in chunks of layers."""
-        a = torch.tensor([1.0 - decays[n][2] if n in decays else 0.0 for n in names], device=buf.device)
-        dwg, dwgx = [], []
-        for s in _layer_chunks(len(names), buf[0].numel()):
-            g = torch.stack([w1[n] for n in names[s]]).float()
-            g.addcmul_(buf[s], a[s].view(-1, 1, 1), value=-1.0)
-            dwg.append(_sq_norms(g))
-            dwgx.append(self._x_products(names[s], g))
-        return torch.cat(dwg), torch.cat(dwgx)
+    def _stack_x(self, names: list[str], c: int) -> Optional[torch.Tensor]:
+        """(layers, N, C) kept inputs of one shape group; zeros for a layer that did not run in the
+        probe forward (its X-based metrics are left out in _reduce). None when nothing was captured."""
+        if not self._x:
+            return None
+        ref = next(iter(self._x.values()))
+        zero = ref.new_zeros(ref.shape[0], c)
+        return torch.stack([self._x.get(n, zero) for n in names])
 
     def _power_iteration(self, group: Any) -> list[torch.Tensor]:
         """Partial ||W_t v||^2 per layer, v the top right singular vector estimate (sigma_max^2 once reduced).
@@ -306,7 +295,7 @@ class Probes:
             row.update({k: flat[j * L + i] for j, k in enumerate(keys)})
             row["x"] = x_sq.get(n)
             if n not in self._x:  # no X: the X-based sums are not defined
-                row["y"] = row["dwx"] = row["dwgx"] = row["x"] = None
+                row["y"] = row["dwx"] = row["dwgx"] = None
             if n not in decays:
                 row["dwg"] = row["dwgx"] = None
             rows[n] = row
@@ -416,17 +405,36 @@ def _layer_chunks(layers: int, per_layer: int) -> list[slice]:
     return [slice(s, min(s + n, layers)) for s in range(0, layers, n)]
 
 
-def _bmm_sq_norms(xs: list[torch.Tensor], ws: torch.Tensor) -> torch.Tensor:
-    """||X_l W_l^T||^2 for each layer l: X_l (N, C) of xs, W_l (K, C) of the stack ws, fp32 results.
+def _grad_part(names: list[str], buf: torch.Tensor, xs: Optional[torch.Tensor], w1: dict, decays: dict) -> tuple:
+    """(||dW_g||^2, ||dW_g X||^2) per layer, dW_g = W_{t+1} - (1 - d) W_t, in chunks of layers."""
+    a = torch.tensor([1.0 - decays[n][2] if n in decays else 0.0 for n in names], device=buf.device)
+    dwg, dwgx = [], []
+    for s in _layer_chunks(len(names), buf[0].numel()):
+        g = torch.stack([w1[n] for n in names[s]]).float()
+        g.addcmul_(buf[s], a[s].view(-1, 1, 1), value=-1.0)
+        dwg.append(_sq_norms(g))
+        dwgx.append(_products(xs[s] if xs is not None else None, g))
+    return torch.cat(dwg), torch.cat(dwgx)
+
+
+def _products(xs: Optional[torch.Tensor], ws: torch.Tensor) -> torch.Tensor:
+    """Partial ||W_l X_l||^2 per layer of the stack ws (zeros without captured inputs)."""
+    if xs is None:
+        return torch.zeros(ws.shape[0], dtype=torch.float32, device=ws.device)
+    return _bmm_sq_norms(xs, ws)
+
+
+def _bmm_sq_norms(xs: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """||X_l W_l^T||^2 for each layer l: X_l (N, C) of the stack xs, W_l (K, C) of the stack ws, fp32 results.
 
     Products in X's dtype (bf16 under mixed precision), squares summed in fp32; batched over layers
-    and chunked over layers and rows of W, so no temporary is much larger than CHUNK elements.
+    and chunked over layers and rows of W, so no product temporary is much larger than CHUNK elements.
     """
-    (n_tok, c), k = xs[0].shape, ws.shape[1]
+    (_, n_tok, c), k = xs.shape, ws.shape[1]
     rows = max(1, min(k, CHUNK // max(1, n_tok)))
     out = []
-    for s in _layer_chunks(len(xs), n_tok * c + rows * (n_tok + c)):
-        x = torch.stack(xs[s])  # (l, N, C)
+    for s in _layer_chunks(xs.shape[0], rows * (n_tok + c)):
+        x = xs[s]  # (l, N, C)
         total = torch.zeros(x.shape[0], dtype=torch.float32, device=ws.device)
         for r in range(0, k, rows):
             prod = torch.bmm(x, ws[s, r : r + rows].to(x.dtype).transpose(1, 2))  # (l, N, rows)

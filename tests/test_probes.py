@@ -307,7 +307,7 @@ def test_bf16_norms_accumulate_in_fp32(monkeypatch):
     ws = torch.randn(3, 200, 64, generator=gen)
     xs = [x, x.flip(0), x * 2]
     monkeypatch.setattr(probes_mod, "CHUNK", 100_000)  # forces chunks of layers and of rows of W
-    got = _bmm_sq_norms(xs, ws)
+    got = _bmm_sq_norms(torch.stack(xs), ws)
     assert got.dtype == torch.float32
     for xl, wl, g in zip(xs, ws, got.tolist(), strict=True):
         exact = (xl.double() @ wl.bfloat16().double().T).square().sum()
