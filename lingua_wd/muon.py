@@ -46,7 +46,7 @@ def _lr_scale_original(fan_out: int, fan_in: int) -> float:
 
 
 def _lr_scale_match_rms_adamw(fan_out: int, fan_in: int) -> float:
-    # Moonlight, "Muon is Scalable for LLM Training" (Liu et al. 2025, arXiv 2502.16982, Sec. 2.2):
+    # Moonlight, "Muon is Scalable for LLM Training" (Liu et al. 2025, arXiv 2502.16982):
     # RMS(O) ~ 1/sqrt(max(out, in)), so 0.2 sqrt(max(out, in)) gives every update the RMS 0.2 eta,
     # about AdamW's update RMS, and AdamW's LR and weight decay carry over.
     return 0.2 * math.sqrt(max(fan_out, fan_in))

@@ -73,7 +73,7 @@ def test_quintic_map_band():
     assert (y[small] / s[small]).min() > 430 and (y[small] / s[small]).max() < 486
 
 
-@pytest.mark.parametrize("dtype,offdiag_tol,map_tol", [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 4e-2, 4e-2)])
+@pytest.mark.parametrize("dtype,offdiag_tol,map_tol", [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 4e-2, 3e-2)])
 @pytest.mark.parametrize("name", list(_matrices()))
 def test_newton_schulz_against_svd_polar_factor(name, dtype, offdiag_tol, map_tol):
     g = _matrices()[name]
@@ -83,20 +83,20 @@ def test_newton_schulz_against_svd_polar_factor(name, dtype, offdiag_tol, map_to
     d = u.T @ o.double() @ vh.T  # O in G's singular bases: diagonal when O = U S' V^T
     diag = d.diagonal()
     offdiag = (d - torch.diag(diag)).abs().max().item()
-    assert offdiag < offdiag_tol  # singular vectors agree (measured: fp32 1.1e-6, bf16 2.4e-2 max entry)
-    # each singular value follows the scalar quintic map of sigma / ||G||_F (measured: fp32 < 2e-5)
+    assert offdiag < offdiag_tol  # singular vectors agree (measured max entry: fp32 1.2e-6, bf16 2.6e-2)
+    # each singular value follows the scalar quintic map of sigma / ||G||_F (measured: fp32 1.1e-6, bf16 1.5e-2)
     torch.testing.assert_close(diag, _quintic_map(s / s.norm()), rtol=0, atol=map_tol)
     band = s / s.norm() >= 2e-3
     assert 0.68 - map_tol <= diag[band].min() and diag[band].max() <= 1.2024 + map_tol
     if dtype == torch.float32 and bool(band.all()):  # well conditioned: polar(O) is U V^T to fp32 rounding
         uo, _, vo = torch.linalg.svd(o.double(), full_matrices=False)
-        assert torch.linalg.matrix_norm(uo @ vo - u @ vh, 2) < 1e-4  # measured 1.6e-6 .. 3.5e-6
+        assert torch.linalg.matrix_norm(uo @ vo - u @ vh, 2) < 1e-4  # measured 1.6e-6 .. 3.7e-6
 
 
 @pytest.mark.parametrize("name", list(_matrices()))
 def test_cubic_newton_schulz_converges_to_the_exact_polar_factor(name):
     # the same iteration with the classic cubic coefficients, in float64, reaches U V^T itself: this checks
-    # the normalization and the transposes of the implementation (measured error <= 3e-12)
+    # the normalization and the transposes of the implementation (measured error <= 2.3e-12)
     g = _matrices()[name].double()
     u, _, vh = torch.linalg.svd(g, full_matrices=False)
     o = newton_schulz(g, steps=60, coefficients=CUBIC_COEFFICIENTS)
@@ -296,7 +296,7 @@ def test_combined_state_dict_round_trip_continues_exactly():
 
 
 def test_loss_falls_with_muon():
-    # 40 steps on one fixed batch of random tokens: the model must memorize it (ln 64 = 4.16 at start)
+    # 40 steps on one fixed batch of random tokens: the model must memorize it (measured 4.84 -> 0.002)
     model = tiny_model()
     opt = muon_adamw(model, lr=2e-2)
     x, y = _batch(0)
@@ -307,7 +307,7 @@ def test_loss_falls_with_muon():
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    assert losses[0] > 4.0 and losses[-1] < 0.5 * losses[0], losses[::5]
+    assert losses[0] > 4.0 and losses[-1] < 0.5, losses[::5]
 
 
 # ----- FSDP2 over gloo ranks: against one process, and exact resume through DCP -----
