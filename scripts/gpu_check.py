@@ -205,7 +205,7 @@ def fetch_wheels(dest: Path) -> int:
     plats = [f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
            "--implementation", "cp", *plats, "-d", str(dest), *WHEELS]  # fmt: skip
-    pure = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(dest), WHEELS[1]]  # antlr4: an sdist only
+    pure = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(dest), WHEELS[1]]  # antlr4: sdist -> py3 wheel
     rc = subprocess.call(cmd[:-2] + [WHEELS[0], WHEELS[2]])
     return rc or subprocess.call(pure)
 
