@@ -25,16 +25,16 @@ COMMON = ["config=configs/debug.yaml", "log_freq=1", "checkpoint.every=0", "eval
 # 16 sequences of 128 tokens per step: dataset_tokens = 100 steps per epoch, tau_iter = 2 epochs = 200 steps
 RUNS = {
     "sp": [],
-    "mup_independent": ["scaling.mode=mup", "scaling.wd_mode=independent", "scaling.base_dim=32"],
+    "mup_independent": ["scaling.width=mup", "scaling.wd=independent", "scaling.base_dim=32"],
     "mup_sqrt_decay_away": [
-        "scaling.mode=mup",
-        "scaling.wd_mode=sqrt",
+        "scaling.width=mup",
+        "scaling.wd=sqrt",
         "scaling.base_dim=32",
         "scaling.extra_warmup=decay_away",
     ],
     "timescale": [
-        "scaling.mode=mup",
-        "scaling.wd_mode=timescale",
+        "scaling.width=mup",
+        "scaling.wd=timescale",
         "scaling.base_dim=32",
         "scaling.tau_epoch=2.0",
         "scaling.dataset_tokens=204800",
