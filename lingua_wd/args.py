@@ -88,14 +88,10 @@ def sections(cls: type) -> dict[str, type]:
 
 
 def _check_keys(cls: type, raw: Any, prefix: str, drop_unknown: bool) -> None:
-    """Refuse renamed keys (a class's RENAMED: old -> new) with the new name. With drop_unknown (a config
-    saved by another version) a renamed key is read under its new name instead, and unknown keys are dropped."""
+    """Refuse renamed keys (a class's RENAMED: old -> new) with the new name; drop unknown keys if asked."""
     if not isinstance(raw, DictConfig):
         return
     for old, new in getattr(cls, "RENAMED", {}).items():
-        if old in raw and drop_unknown:
-            raw[new] = raw[new] if new in raw else raw._get_node(old)
-            del raw[old]
         check(old not in raw, f"{prefix}{old}", f"renamed to {prefix}{new}")
     if drop_unknown:
         unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
@@ -106,6 +102,22 @@ def _check_keys(cls: type, raw: Any, prefix: str, drop_unknown: bool) -> None:
     for name, sub in sections(cls).items():
         if name in raw:
             _check_keys(sub, raw._get_node(name), f"{prefix}{name}.", drop_unknown)
+
+
+def upgrade_keys(cls: type, cfg: Any) -> Any:
+    """Rename in place the keys of a saved config (a mapping) that `cls` or its sections renamed since it was
+    written (their RENAMED: old -> new), so a run saved by older code compares and loads; returns cfg."""
+    if not isinstance(cfg, (dict, DictConfig)):
+        return cfg
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if old in cfg:
+            if new not in cfg:
+                cfg[new] = cfg[old]
+            del cfg[old]
+    for name, sub in sections(cls).items():
+        if name in cfg:
+            upgrade_keys(sub, cfg[name])
+    return cfg
 
 
 def _read_file(path: str) -> DictConfig:
@@ -134,8 +146,8 @@ def load_config(
     """The structured defaults of `cls` <- each mapping of `base` <- `config=FILE` <- `key=value` items.
 
     section: the key path `cls` lives under (`model`), put in front of every error's key.
-    drop_unknown: keys `cls` does not know are dropped with a warning instead of refused (for configs
-    saved by another version of the code, e.g. when a checkpoint is opened for export).
+    drop_unknown: for configs saved by another version of the code (a checkpoint opened for export):
+    renamed keys are read under their new names, keys `cls` does not know are dropped with a warning.
     """
     prefix = f"{section}." if section else ""
     try:
@@ -143,6 +155,8 @@ def load_config(
         layers = [b if isinstance(b, DictConfig) else OmegaConf.create(b) for b in base if b is not None]
         layers += [_read_file(f) for f in files] + [_read_item(item) for item in dotlist]
         for layer in layers:
+            if drop_unknown:  # a config saved by another version: renamed keys are read under their new names
+                upgrade_keys(cls, layer)
             _check_keys(cls, layer, prefix, drop_unknown)
         return OmegaConf.merge(OmegaConf.structured(cls), *layers)
     except OmegaConfBaseException as err:

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from lingua_wd import checkpoint as ckpt
-from lingua_wd.args import ConfigError, check, dump_config, run_cli, to_dict, to_yaml
+from lingua_wd.args import ConfigError, check, dump_config, run_cli, to_dict, to_yaml, upgrade_keys
 from lingua_wd.checkpoint import CheckpointArgs, check_checkpoint_args
 from lingua_wd.data import DataArgs, TrainLoader, build_tokenizer, check_data_args, prepare_data, val_batches
 from lingua_wd.distributed import (
@@ -229,7 +229,7 @@ class Trainer:
         path = ckpt.latest(self.ckpt_root)
         if path is None:
             return
-        saved = ckpt.saved_config(path)
+        saved = upgrade_keys(TrainArgs, ckpt.saved_config(path))  # keys renamed since: compared by their new names
         conflicts = resume_conflicts(saved, self.config_for_resume()) if saved else []
         if conflicts and not self.args.guard.force_resume:
             raise ConfigError(

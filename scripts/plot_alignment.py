@@ -135,7 +135,7 @@ def plot(run_dirs: list[Path], layer: str | None, out: Path, drop_last: float, l
     for ax, (_, title, logy) in zip(axes.flat, PANELS, strict=True):
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("step")
-        if logy and any(line.get_ydata().size and min(line.get_ydata()) > 0 for line in ax.get_lines()):
+        if logy and any(len(line.get_ydata()) and min(line.get_ydata()) > 0 for line in ax.get_lines()):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes.flat[2].axhline(1.0, color="gray", lw=0.8, ls=":")

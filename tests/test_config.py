@@ -1,12 +1,14 @@
 """Config merge order, overrides, and the one-line errors that stop a run before any work."""
 
+import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from conftest import ROOT, TRAIN, env
+from conftest import ROOT, TRAIN, env, losses, run_train
 from lingua_wd.args import ConfigError, parse_args
 from lingua_wd.train import TrainArgs, resolve_and_check
 
@@ -186,3 +188,27 @@ def test_transfer_validates_shared_keys_as_the_trainer_does(capsys):
             parse(argv)
         assert main(argv) == 2
         assert capsys.readouterr().err.strip() == f"config error: {err.value}"
+
+
+def test_a_run_saved_before_a_rename_resumes(tmp_path, tiny):
+    """Checkpoints written with the old key names (scaling.mode / wd_mode) resume: saved keys are compared
+    under their new names, so nothing looks changed."""
+    dump = tmp_path / "run"
+    argv = [f"dump_dir={dump}", *tiny, "steps=3", "checkpoint.every=1", "scaling.width=mup", "scaling.wd=independent",
+            "scaling.base_dim=32"]  # fmt: skip
+    run_train(argv)
+    shutil.rmtree(dump / "checkpoints" / f"{3:010d}")  # as if killed after the checkpoint of step 2
+    (dump / "DONE").unlink()
+    saved = dump / "checkpoints" / f"{2:010d}" / "config.yaml"
+    text = (
+        saved.read_text().replace("  width: mup", "  mode: mup").replace("  wd: independent", "  wd_mode: independent")
+    )
+    assert "wd_mode: independent" in text
+    saved.write_text(text)
+    manifest = saved.parent / "MANIFEST.json"  # keep the checkpoint complete: the manifest holds file sizes
+    info = json.loads(manifest.read_text())
+    info["files"]["config.yaml"] = saved.stat().st_size
+    manifest.write_text(json.dumps(info))
+    proc = run_train(argv)
+    assert "resumed from" in proc.stderr and "at step 2" in proc.stderr and "forced" not in proc.stderr
+    assert max(losses(dump)) == 3
