@@ -259,12 +259,17 @@ def train_args_class() -> Any:
 
 
 def resolve_with_trainer(cfg: DictConfig, run_name_: str) -> DictConfig:
-    """Merge into the trainer's structured defaults so a misspelt key fails now, not on the cluster."""
+    """Merge into the trainer's structured defaults and run the trainer's checks of the width plan's keys
+    (optim.check_plan_args), so a misspelt key or a width the trainer refuses fails now, not on the cluster."""
     cls = train_args_class()
     if cls is None:
         return cfg
+    from lingua_wd.optim import check_plan_args  # noqa: PLC0415 (torch, like the trainer)
+
     try:
-        return load_config(cls, base=[cfg])
+        merged, a = load_config(cls, base=[cfg]), parse_args(cls, base=[cfg])
+        check_plan_args(a.model, a.optim, a.schedule, a.scaling, a.steps, a.data.seq_len * a.data.batch_size)
+        return merged
     except ConfigError as err:
         raise ConfigError(f"{err} (run {run_name_})") from None
 

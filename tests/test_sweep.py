@@ -98,7 +98,7 @@ def calls_of(path: Path) -> list[dict]:
 
 
 def sweep_args(tmp_path: Path, grid: dict, **kw) -> sw.SweepArgs:
-    base = {"steps": 6, "model": {"dim": 64}, "optim": {"lr": 1e-3}, "scaling": {"wd": "standard"}}
+    base = {"steps": 6, "model": {"dim": 64, "head_dim": 32}, "optim": {"lr": 1e-3}, "scaling": {"wd": "standard"}}
     args = sw.SweepArgs(name="t", dump_root=str(tmp_path / "sweeps"), base=base, grid=grid, validate=False)
     for k, v in kw.items():
         setattr(args, k, v)
@@ -236,6 +236,9 @@ def test_validation_against_the_trainer_config(tmp_path: Path):
     args = sweep_args(tmp_path, {"optim.lrr": [1e-3]})
     args.validate = True
     with pytest.raises(ConfigError, match=r"^optim\.lrr: .*\(run lrr1e-3\)"):
+        sw.prepare(args, write=False)
+    args.grid = {"model.dim": [64, 100]}  # the trainer refuses d=100 (head_dim 32 in the base): so does the sweep
+    with pytest.raises(ConfigError, match=r"^model\.dim: 100 is not divisible by model\.head_dim=.*\(run d100\)"):
         sw.prepare(args, write=False)
     args.grid = {"optim.lr": [1e-3]}
     sweep_dir, _ = sw.prepare(args)
