@@ -113,7 +113,7 @@ def transfer(args: TransferArgs) -> dict:
                 raise ConfigError(f"transfer.widths: {dim}: {err}") from None
             rows = {cls: class_row(cp, dim) for cls, cp in p.classes.items() if cls in present}
             per_rule[label] = {"source": p.source, "overrides": overrides(args, label, dim, d0, tau), "classes": rows}
-        out["widths"][dim] = {"m": dim / d0, "rules": per_rule}
+        out["widths"][dim] = {"m": scaling.width_mult(replace(args.scaling, base_dim=d0), dim), "rules": per_rule}
     return out
 
 
