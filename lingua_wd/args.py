@@ -1,66 +1,186 @@
-"""Typed configuration: dataclass defaults <- `config=FILE.yaml` <- dotted CLI overrides.
+"""Typed configuration: dataclass defaults <- base layers <- `config=FILE.yaml` <- dotted CLI overrides,
+and the one command-line shape every command shares (`run_cli`).
 
 Every error is a `ConfigError` whose message is one line starting with the offending key, so a
-misspelt key, a wrong type or an invalid value stops the run before any work is done.
+misspelt key, a wrong type, an invalid value or a renamed key stops the run before any work is done.
+`--help` is generated from the command's dataclass: each field's trailing `# comment` is its
+meaning, and a field declared `one_of(default, table)` lists that table's keys, so a
+new row of a table (a weight-decay rule, a schedule, a probe metric) is documented where it is added.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import logging
 import os
-from collections.abc import Callable
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+CONFIG_SUFFIXES = (".yaml", ".yml")  # a bare argument ending so is the config file (as config=FILE)
+FIELD = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")  # `name: type = default  # meaning`
 
 
 class ConfigError(ValueError):
     """A bad configuration: the message is one line, `key: what is wrong`."""
 
 
-def _one_line(err: OmegaConfBaseException) -> str:
+def check(cond: bool, key: str, msg: str) -> None:
+    """Raise a one-line `ConfigError` naming `key` unless `cond` holds."""
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def one_of(default: Any, table: Callable[[], Iterable[str]]) -> Any:
+    """A config field whose valid values (a list field: whose items) are the keys of `table()`, a callable
+    so the table may be defined after the dataclass. `--help` and the README's config reference list them."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"choices": table})
+    return dataclasses.field(default=default, metadata={"choices": table})
+
+
+def check_choice(value: str, key: str, table: Iterable[str]) -> None:
+    names = list(table)
+    check(value in names, key, f"unknown {value!r} (choose from {', '.join(names)})")
+
+
+# ----------------------------------------------------------------------------- the loader
+
+
+def _one_line(err: OmegaConfBaseException, prefix: str = "") -> str:
     key = getattr(err, "full_key", None) or ""
     msg = str(getattr(err, "msg", None) or err).splitlines()[0].strip()
-    return f"{key}: {msg}" if key else msg
+    return f"{prefix}{key}: {msg}" if key else f"{prefix.rstrip('.') or 'config'}: {msg}"
 
 
-def load_config(cls: type[T], argv: list[str]) -> Any:
-    """Merge the structured defaults of `cls`, an optional `config=FILE`, and `key=value` items."""
-    files = [a.split("=", 1)[1] for a in argv if a.startswith("config=")]
-    dotlist = [a for a in argv if not a.startswith("config=")]
-    if len(files) > 1:
-        raise ConfigError("config: given more than once")
-    for item in dotlist:
-        if "=" not in item:
-            raise ConfigError(f"{item}: expected key=value")
-    layers = [OmegaConf.structured(cls)]
+def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(config files, key=value items); a bare argument ending in .yaml is the config file."""
+    files, dotlist = [], []
+    for item in argv:
+        if item.startswith("config="):
+            files.append(item.split("=", 1)[1])
+        elif "=" in item:
+            dotlist.append(item)
+        elif item.endswith(CONFIG_SUFFIXES):
+            files.append(item)
+        else:
+            raise ConfigError(f"{item}: expected key=value (a config file is config=FILE.yaml or FILE.yaml)")
+    check(len(files) <= 1, "config", "given more than once")
+    return files, dotlist
+
+
+def sections(cls: type) -> dict[str, type]:
+    """The fields of `cls` that are themselves config dataclasses (model, optim, ...), by name."""
+    defaults = cls()
+    return {
+        f.name: type(getattr(defaults, f.name))
+        for f in dataclasses.fields(cls)
+        if dataclasses.is_dataclass(getattr(defaults, f.name))
+    }
+
+
+def _check_keys(cls: type, raw: Any, prefix: str, drop_unknown: bool) -> None:
+    """Refuse renamed keys (a class's RENAMED: old -> new) with the new name; drop unknown keys if asked."""
+    if not isinstance(raw, DictConfig):
+        return
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        check(old not in raw, f"{prefix}{old}", f"renamed to {prefix}{new}")
+    if drop_unknown:
+        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            log.warning("config: ignoring keys unknown to this version: %s", ", ".join(prefix + k for k in unknown))
+            for key in unknown:
+                del raw[key]
+    for name, sub in sections(cls).items():
+        if name in raw:
+            _check_keys(sub, raw._get_node(name), f"{prefix}{name}.", drop_unknown)
+
+
+def upgrade_keys(cls: type, cfg: Any) -> Any:
+    """Rename in place the keys of a saved config (a mapping) that `cls` or its sections renamed since it was
+    written (their RENAMED: old -> new), so a run saved by older code compares and loads; returns cfg."""
+    if not isinstance(cfg, (dict, DictConfig)):
+        return cfg
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if old in cfg:
+            if new not in cfg:
+                cfg[new] = cfg[old]
+            del cfg[old]
+    for name, sub in sections(cls).items():
+        if name in cfg:
+            upgrade_keys(sub, cfg[name])
+    return cfg
+
+
+def _read_file(path: str) -> DictConfig:
+    p = Path(path).expanduser()
+    check(p.is_file(), "config", f"no such file {path}")
     try:
-        if files:
-            path = Path(files[0])
-            if not path.is_file():
-                raise ConfigError(f"config: no such file {path}")
-            layers.append(OmegaConf.load(path))
-        layers.append(OmegaConf.from_dotlist(dotlist))
-        return OmegaConf.merge(*layers)
-    except OmegaConfBaseException as err:
-        raise ConfigError(_one_line(err)) from None
+        return OmegaConf.load(p)
+    except OmegaConfBaseException:
+        raise
     except Exception as err:  # YAML syntax errors and the like
-        if isinstance(err, ConfigError):
-            raise
-        name = files[0] if files else "config"
-        raise ConfigError(f"{name}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None
 
 
-def parse_args(cls: type[T], argv: list[str]) -> T:
-    """Return a `cls` instance built from defaults, `config=FILE.yaml` and dotted overrides."""
-    cfg = load_config(cls, argv)
+def _read_item(item: str) -> DictConfig:
+    try:
+        return OmegaConf.from_dotlist([item])
+    except OmegaConfBaseException:
+        raise
+    except Exception as err:  # a value that is not YAML
+        raise ConfigError(f"{item.split('=', 1)[0]}: {str(err).splitlines()[0]}") from None
+
+
+def load_config(
+    cls: type[T], argv: Sequence[str] = (), *, base: Sequence[Any] = (), section: str = "", drop_unknown: bool = False
+) -> DictConfig:
+    """The structured defaults of `cls` <- each mapping of `base` <- `config=FILE` <- `key=value` items.
+
+    section: the key path `cls` lives under (`model`), put in front of every error's key.
+    drop_unknown: for configs saved by another version of the code (a checkpoint opened for export):
+    renamed keys are read under their new names, keys `cls` does not know are dropped with a warning.
+    """
+    prefix = f"{section}." if section else ""
+    try:
+        files, dotlist = split_argv(argv)
+        layers = [b if isinstance(b, DictConfig) else OmegaConf.create(b) for b in base if b is not None]
+        layers += [_read_file(f) for f in files] + [_read_item(item) for item in dotlist]
+        for layer in layers:
+            if drop_unknown:  # a config saved by another version: renamed keys are read under their new names
+                upgrade_keys(cls, layer)
+            _check_keys(cls, layer, prefix, drop_unknown)
+        return OmegaConf.merge(OmegaConf.structured(cls), *layers)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err, prefix)) from None
+
+
+def parse_args(cls: type[T], argv: Sequence[str] = (), **options: Any) -> T:
+    """A `cls` instance from defaults, base layers, `config=FILE.yaml` and dotted overrides (the options
+    are load_config's)."""
+    cfg = load_config(cls, argv, **options)
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
-        raise ConfigError(_one_line(err)) from None
+        raise ConfigError(_one_line(err, f"{options['section']}." if options.get("section") else "")) from None
+
+
+def read_sections(cfg: Any, classes: dict[str, type]) -> dict[str, Any]:
+    """Sections of a saved config (a run's config.yaml, as a mapping) as their dataclasses, e.g.
+    {"model": ModelArgs}: renamed keys are read under their new names and keys this version does not
+    know are dropped with a warning, so runs saved by older or newer code still open."""
+    return {
+        name: parse_args(cls, base=[cfg.get(name) or {}], section=name, drop_unknown=True)
+        for name, cls in classes.items()
+    }
 
 
 def to_yaml(args: Any) -> str:
@@ -80,25 +200,99 @@ def dump_config(args: Any, path: str | os.PathLike) -> None:
     tmp.replace(path)
 
 
-def check(cond: bool, key: str, msg: str) -> None:
-    """Raise a one-line `ConfigError` naming `key` unless `cond` holds."""
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
+# ----------------------------------------------------------------------------- generated help
 
 
-def run_cli(argv: list[str], doc: str, body: Callable[[list[str]], None]) -> int:
-    """The shared shape of the small CLIs: -h prints the module doc, logging to the console, a
-    ConfigError becomes `config error: ...` on stderr and exit code 2."""
-    import logging
-    import sys
+def field_help(cls: type) -> dict[str, str]:
+    """Field name -> its trailing `# comment` in the class source (and its dataclass bases')."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            for line in inspect.getsource(klass).splitlines():
+                m = FIELD.match(line)
+                if m and m.group(2):
+                    out[m.group(1)] = m.group(2).strip()
+    return out
 
+
+def key_rows(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, meaning) of every leaf field, nested sections in place; a `one_of` field
+    has its table's keys appended to the meaning."""
+    helps, defaults, out = field_help(cls), cls(), []
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            out += key_rows(type(value), f"{prefix}{f.name}.")
+            continue
+        meaning = helps.get(f.name, "")
+        if "choices" in f.metadata:
+            meaning += f" (one of: {', '.join(f.metadata['choices']())})"
+        out.append((f"{prefix}{f.name}", repr(value) if isinstance(value, str) else str(value), meaning))
+    return out
+
+
+def help_text(cls: type, usage: str, doc: str = "") -> str:
+    """usage, the description, then every key with its default and meaning, grouped by section."""
+    lines = [usage.rstrip()]
+    if doc.strip():
+        lines += ["", doc.strip()]
+    lines += ["", "keys (key=default  meaning):"]
+    group = None
+    for key, default, meaning in key_rows(cls):
+        head = key.rsplit(".", 1)[0] if "." in key else ""
+        if head != group:
+            group = head
+            lines.append(f"{head}:" if head else "")
+        item = f"  {key}={default}"
+        lines += [item.ljust(HELP_COLUMN) + meaning] if len(item) < HELP_COLUMN else [item, " " * HELP_COLUMN + meaning]
+    return "\n".join(lines)
+
+
+HELP_COLUMN = 40  # where --help starts the meanings
+
+
+# ----------------------------------------------------------------------------- the one CLI shape
+
+
+def fill_positional(argv: Sequence[str], names: Sequence[str]) -> list[str]:
+    """Leading arguments without `=` (and not a .yaml config) become `name=value` for the given names."""
+    out, i = [], 0
+    for item in argv:
+        if "=" not in item and i < len(names) and not item.endswith(CONFIG_SUFFIXES):
+            out.append(f"{names[i]}={item}")
+            i += 1
+        else:
+            out.append(item)
+    return out
+
+
+def run_cli(
+    argv: Sequence[str],
+    cls: type[T],
+    body: Callable[[T], int | None],
+    usage: str,
+    doc: str = "",
+    positional: Sequence[str] = (),
+    verbatim: Sequence[str] = (),
+    base: Sequence[Any] = (),
+) -> int:
+    """Every command's shape: `-h`/`--help` prints usage, doc and every key of `cls`; leading bare
+    arguments fill the `positional` keys; `verbatim` keys keep their text as given (not parsed as
+    YAML); the rest is `config=FILE.yaml` and `key=value`. A ConfigError anywhere, the body included,
+    prints `config error: ...` and returns 2; otherwise body's return value (None = 0)."""
     if any(a in ("-h", "--help") for a in argv):
-        print(doc)
+        print(help_text(cls, usage, doc))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
     try:
-        body(argv)
+        flags = [a for a in argv if a.startswith("--")]
+        check(not flags, flags[0] if flags else "", "options are key=value (see --help)")
+        items = fill_positional(argv, positional)
+        texts = dict(a.split("=", 1) for a in items if a.split("=", 1)[0] in verbatim)
+        args = parse_args(cls, [a for a in items if a.split("=", 1)[0] not in verbatim], base=base)
+        for key, text in texts.items():
+            setattr(args, key, text)
+        return body(args) or 0
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    return 0

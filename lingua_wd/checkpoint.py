@@ -193,3 +193,86 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# =============================================================================
+# Reading our checkpoints outside training (export, eval, generate): no process group, any rank count.
+# =============================================================================
+
+
+@dataclass
+class Run:
+    """A checkpoint and the config it was trained with."""
+
+    ckpt: Path  # the checkpoints/<step> directory
+    step: int
+    world_size: int  # ranks that wrote it (the trainer's validation set is split over this many)
+    model: Any  # ModelArgs, resolved: vocab_size and max_seq_len are filled in
+    data: Any  # DataArgs
+    config: dict  # the whole resolved config as saved
+
+
+def resolve_checkpoint(path: str | Path, key: str = "ckpt_dir") -> Path:
+    """A checkpoint dir itself, or the latest complete one under `<run>/checkpoints` or a checkpoints dir."""
+    path = Path(path).expanduser()
+    if (path / MANIFEST).exists():
+        check(is_complete(path), key, f"{path} is incomplete (its {MANIFEST} does not match its files)")
+        return path
+    found = latest(path / "checkpoints") or latest(path)
+    check(found is not None, key, f"no complete checkpoint in {path} (expected <run>/checkpoints/<step>/)")
+    return found
+
+
+def find_config(ckpt_path: Path, given: str = "") -> Path:
+    """The config a checkpoint was trained with: `given`, its own copy, or the run dir's config.yaml."""
+    if given:
+        check(Path(given).expanduser().is_file(), "config", f"no such file {given}")
+        return Path(given).expanduser()
+    found = [c for c in (ckpt_path, ckpt_path.parent.parent, ckpt_path.parent) if (c / "config.yaml").is_file()]
+    check(bool(found), "config", f"no config.yaml next to {ckpt_path}; pass config=<run dir>/config.yaml")
+    return found[0] / "config.yaml"
+
+
+def run_sections(cfg: dict) -> tuple[Any, Any]:
+    """(ModelArgs, DataArgs) of a saved run config (args.read_sections: runs saved by older or newer code open)."""
+    from lingua_wd.args import read_sections
+    from lingua_wd.data import DataArgs
+    from lingua_wd.model import ModelArgs
+
+    sections = read_sections(cfg, {"model": ModelArgs, "data": DataArgs})
+    return sections["model"], sections["data"]
+
+
+def open_run(path: str | Path, config: str = "", key: str = "ckpt_dir") -> Run:
+    """The checkpoint at (or latest under) `path` with its resolved model and data config."""
+    from omegaconf import OmegaConf
+
+    ckpt_path = resolve_checkpoint(path, key)
+    cfg = OmegaConf.to_container(OmegaConf.load(find_config(ckpt_path, config)), resolve=True)
+    model, data = run_sections(cfg)
+    check(model.vocab_size > 0 and model.max_seq_len > 0, "config", "model.vocab_size / max_seq_len are not resolved")
+    manifest = json.loads((ckpt_path / MANIFEST).read_text())
+    return Run(ckpt_path, int(manifest["step"]), int(manifest["world_size"]), model, data, cfg)
+
+
+def consolidate(ckpt_path: Path) -> dict[str, torch.Tensor]:
+    """The full model state dict of a DCP checkpoint written by any number of ranks, in this process
+    alone: every `model.*` tensor is allocated at its global size and DCP reads all shards into it."""
+    import warnings
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(str(ckpt_path))
+    meta = reader.read_metadata().state_dict_metadata
+    sd = {
+        k.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in meta.items()
+        if k.startswith("model.") and isinstance(m, TensorStorageMetadata)
+    }
+    check(bool(sd), "ckpt_dir", f"{ckpt_path} holds no model tensors")
+    state = {"model": sd}
+    with warnings.catch_warnings():  # "torch.distributed is disabled ... assuming a single process": intended
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=reader, no_dist=True)  # nested keys flatten to model.<name>, as saved
+    return state["model"]

@@ -8,7 +8,7 @@ class (input / hidden / output), on a fixed probe batch:
 Under muP the activations and their change stay Theta(1) as the width grows (flat lines); under standard
 parameterization with Adam, the hidden and output changes grow roughly like the width m, since every
 entry of dW has size ~eta and Y = W X sums fan_in of them coherently. With only a few steps the weight
-decay modes barely differ: they matter later in training (the paper's point, §3).
+decay rules barely differ: they matter later in training (the paper's point, §3).
 Writes coordcheck.png and coordcheck.json (with the slope of log metric against log width) to out_dir.
 """
 
@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lingua_wd.args import ConfigError, check, parse_args
+from lingua_wd.args import ConfigError, check, run_cli
 from lingua_wd.model import ModelArgs, Transformer
-from lingua_wd.optim import OptimArgs, build_optimizer
-from lingua_wd.scaling import ScalingArgs, init_std_fn, param_classes
+from lingua_wd.optim import OptimArgs, build_optimizer, check_plan_args
+from lingua_wd.scaling import ScalingArgs, init_std_fn, param_classes, parse_rule
 from lingua_wd.schedule import ScheduleArgs
 
 ACT_CLASSES = ("input", "hidden", "output")  # classes whose module outputs are measured
@@ -39,7 +39,7 @@ METRICS = ("act_rms", "act_delta_rms", "update_rms")
 class CoordCheckArgs:
     widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # model.dim values
     base_dim: int = 64  # d0: m = width / base_dim
-    params: list[str] = field(default_factory=lambda: ["sp", "mup:standard", "mup:independent"])  # sp | mup:<wd_mode>
+    params: list[str] = field(default_factory=lambda: ["sp", "mup:standard", "mup:independent"])  # width[:wd] rules
     steps: int = 4  # AdamW steps at a constant LR
     seeds: int = 2  # repeats (init and data) averaged per point
     lr: float = 1e-2  # eta_base (muP gives eta_base / m to hidden and output)
@@ -58,14 +58,22 @@ def check_coordcheck_args(args: CoordCheckArgs) -> None:
         check(w > 0 and w % args.head_dim == 0, "widths", f"{w} is not a positive multiple of head_dim={args.head_dim}")
     check(args.base_dim > 0, "base_dim", f"must be positive, got {args.base_dim}")
     check(args.steps >= 1 and args.seeds >= 1, "steps", "steps and seeds must be >= 1")
-    for p in args.params:
-        mode, _, wd = p.partition(":")
-        check(mode in ("sp", "mup") and (mode == "sp") == (wd == ""), "params", f"{p!r} is not sp or mup:<wd_mode>")
+    for param in args.params:
+        parse_rule(param, "params")
+        for width in args.widths:  # the trainer's checks of the same keys
+            try:
+                check_plan_args(*run_args(args, param, width), args.steps, args.batch_size * args.seq_len)
+            except ConfigError as err:
+                raise ConfigError(f"params: {param} at width {width}: {err}") from None
 
 
-def scaling_args(param: str, base_dim: int) -> ScalingArgs:
-    mode, _, wd_mode = param.partition(":")
-    return ScalingArgs(mode=mode, wd_mode=wd_mode or "standard", base_dim=base_dim)
+def run_args(args: CoordCheckArgs, param: str, width: int) -> tuple[ModelArgs, OptimArgs, ScheduleArgs, ScalingArgs]:
+    """The trainer's config sections of one point of the check: a constant LR, no clipping."""
+    model = ModelArgs(dim=width, n_layers=args.n_layers, head_dim=args.head_dim, vocab_size=args.vocab_size,
+                      max_seq_len=args.seq_len)  # fmt: skip
+    optim = OptimArgs(lr=args.lr, weight_decay=args.weight_decay, clip=0.0, fused=False)
+    scaling = ScalingArgs(base_dim=args.base_dim, **parse_rule(param, "params"))
+    return model, optim, ScheduleArgs(kind="constant", warmup=0.0), scaling
 
 
 def markov_batches(vocab: int, seq_len: int, batch: int, n: int, seed: int) -> list[torch.Tensor]:
@@ -88,15 +96,11 @@ def _rms(x: torch.Tensor) -> float:
 
 def measure(args: CoordCheckArgs, param: str, width: int, seed: int) -> dict[str, dict[str, list[float]]]:
     """metric -> class -> value after each step 1..steps (update_rms: of that step's update)."""
-    scaling = scaling_args(param, args.base_dim)
-    margs = ModelArgs(dim=width, n_layers=args.n_layers, head_dim=args.head_dim, vocab_size=args.vocab_size,
-                      max_seq_len=args.seq_len)  # fmt: skip
+    margs, optim, schedule, scaling = run_args(args, param, width)
     torch.manual_seed(seed)
     model = Transformer(margs)
-    model.init_weights(init_std_fn(scaling, margs), seed=seed)
+    model.init_weights(init_std_fn(scaling, width), seed=seed)
     classes = param_classes(model, scaling)
-    optim = OptimArgs(lr=args.lr, weight_decay=args.weight_decay, clip=0.0, fused=False)
-    schedule = ScheduleArgs(kind="constant", warmup=0.0)
     opt, sched = build_optimizer(model, optim, scaling, schedule, args.steps, args.batch_size * args.seq_len)
     modules = {n.removesuffix(".weight"): c for n, c in classes.items() if c in ACT_CLASSES}
     acts: dict[str, torch.Tensor] = {}
@@ -205,17 +209,8 @@ def plot(args: CoordCheckArgs, results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print("usage: lingua-wd coordcheck [key=value ...]  keys: " + ", ".join(CoordCheckArgs.__dataclass_fields__))
-        return 0
-    try:
-        args = parse_args(CoordCheckArgs, argv)
-        results = run(args)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+def _main(args: CoordCheckArgs) -> int:
+    results = run(args)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     s = slopes(args, results)
@@ -227,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {p:16s} {cells}")
     print(f"[coordcheck] wrote {out / 'coordcheck.png'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_cli(argv, CoordCheckArgs, _main, "usage: lingua-wd coordcheck [key=value ...]", __doc__)
 
 
 if __name__ == "__main__":

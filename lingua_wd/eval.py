@@ -18,9 +18,9 @@ from typing import Optional
 
 import torch
 
-from lingua_wd.args import check, parse_args, run_cli
+from lingua_wd.args import check, check_choice, one_of, run_cli
 from lingua_wd.data import val_batches
-from lingua_wd.export import DTYPES, load_model, positional
+from lingua_wd.inference import DEVICES, DTYPES, load_model, pick_device
 from lingua_wd.loss import reference_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -33,20 +33,16 @@ class EvalArgs:
     val_sources: str = ""  # held-out file/folder/glob ("" = the run's data.val_sources)
     batches: int = 0  # micro-batches per rank (0 = the run's eval_batches)
     world: int = 0  # ranks the held-out set is split over (0 = the checkpoint's: the trainer's exact set)
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "fp32"  # weights and compute: fp32 | bf16 (what FSDP computes in on CUDA) | fp16
+    device: str = one_of("auto", lambda: DEVICES)  # where to run (auto: cuda if available)
+    dtype: str = one_of("fp32", lambda: DTYPES)  # weights and compute (bf16: what FSDP computes in on CUDA)
 
 
 def check_eval_args(args: EvalArgs) -> None:
     check(bool(args.path), "path", "must be set (a run dir, a checkpoint dir or an exported folder)")
     check(args.batches >= 0, "batches", f"must be >= 0, got {args.batches}")
     check(args.world >= 0, "world", f"must be >= 0, got {args.world}")
-    check(args.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {args.device!r}")
-    check(args.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
-
-
-def pick_device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+    check_choice(args.device, "device", DEVICES)
+    check_choice(args.dtype, "dtype", DTYPES)
 
 
 @torch.no_grad()
@@ -80,11 +76,12 @@ def evaluate_path(args: EvalArgs) -> dict:
     }
 
 
+USAGE = "usage: python -m lingua_wd.eval PATH [key=value ...]   (or lingua-wd eval ...)"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    return run_cli(
-        argv, __doc__, lambda a: print(json.dumps(evaluate_path(parse_args(EvalArgs, positional(a, ("path",))))))
-    )
+    return run_cli(argv, EvalArgs, lambda args: print(json.dumps(evaluate_path(args))), USAGE, __doc__, ("path",))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,8 @@ from typing import Optional
 
 import torch
 
-from lingua_wd.args import check, parse_args, run_cli
-from lingua_wd.eval import pick_device
-from lingua_wd.export import DTYPES, load_model, positional
+from lingua_wd.args import check, check_choice, one_of, run_cli
+from lingua_wd.inference import DEVICES, DTYPES, load_model, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +34,8 @@ class GenerateArgs:
     seed: int = 0  # sampling seed: the same seed (and model) gives the same text
     stop_at_eos: bool = True  # end a sample at the EOS token
     config: str = ""  # our checkpoints: the run's config.yaml ("" = found next to the checkpoint)
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    device: str = one_of("auto", lambda: DEVICES)  # where to run (auto: cuda if available)
+    dtype: str = one_of("fp32", lambda: DTYPES)  # weights and compute
 
 
 def check_generate_args(args: GenerateArgs) -> None:
@@ -45,8 +44,8 @@ def check_generate_args(args: GenerateArgs) -> None:
     check(args.temperature >= 0, "temperature", f"must be >= 0, got {args.temperature}")
     check(0 < args.top_p <= 1, "top_p", f"must be in (0, 1], got {args.top_p}")
     check(args.num_samples > 0, "num_samples", f"must be positive, got {args.num_samples}")
-    check(args.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {args.device!r}")
-    check(args.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    check_choice(args.device, "device", DEVICES)
+    check_choice(args.dtype, "dtype", DTYPES)
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -119,10 +118,7 @@ def generate_text(args: GenerateArgs) -> list[str]:
     return [args.prompt + tok.decode(ids) for ids in samples]
 
 
-def _main(argv: list[str]) -> None:
-    prompts = [a.split("=", 1)[1] for a in argv if a.startswith("prompt=")]  # verbatim: no YAML parsing
-    args = parse_args(GenerateArgs, positional([a for a in argv if not a.startswith("prompt=")], ("path",)))
-    args.prompt = prompts[-1] if prompts else args.prompt
+def _main(args: GenerateArgs) -> None:
     texts = generate_text(args)
     for i, text in enumerate(texts):
         if len(texts) > 1:
@@ -130,8 +126,12 @@ def _main(argv: list[str]) -> None:
         print(text)
 
 
+USAGE = 'usage: python -m lingua_wd.generate PATH "prompt=TEXT" [key=value ...]   (or lingua-wd generate ...)'
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    return run_cli(sys.argv[1:] if argv is None else argv, __doc__, _main)
+    argv = sys.argv[1:] if argv is None else argv
+    return run_cli(argv, GenerateArgs, _main, USAGE, __doc__, positional=("path",), verbatim=("prompt",))
 
 
 if __name__ == "__main__":

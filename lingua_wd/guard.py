@@ -4,7 +4,6 @@ and fault injection for the tests that prove it (docs/reliability.md)."""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -62,12 +61,6 @@ def optimizer_step(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) ->
 
 def inject_nan(loss: torch.Tensor, args: GuardArgs, step: int) -> torch.Tensor:
     return loss * float("nan") if step in args.inject_nan_steps else loss
-
-
-def maybe_crash(args: GuardArgs, step: int) -> None:
-    """Fault injection: a process dying mid-checkpoint, as kill -9 or a node failure would."""
-    if args.crash_in_checkpoint == step:
-        os._exit(137)
 
 
 class SpikeDetector:

@@ -7,8 +7,6 @@ Parameter names follow Meta's llama code (and the paper's figures), e.g.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lingua_wd.args import check
 from lingua_wd.loss import linear_cross_entropy
+from lingua_wd.scaling import ScalingArgs, StdFn, init_std_fn
 
 
 @dataclass
@@ -137,16 +136,6 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def default_init_std(name: str, param: torch.Tensor, dim: int) -> float:
-    """Appendix G.3: every linear 1/sqrt(fan_in); the embedding 1/sqrt(d)."""
-    if name.startswith("tok_embeddings"):
-        return 1.0 / math.sqrt(dim)
-    return 1.0 / math.sqrt(param.shape[1])
-
-
-StdFn = Callable[[str, torch.Tensor], float]
-
-
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -182,11 +171,13 @@ class Transformer(nn.Module):
     def init_weights(self, std_fn: Optional[StdFn] = None, seed: int = 0) -> None:
         """(Re)initialize every parameter deterministically; works after meta -> to_empty.
 
+        std_fn: (name, param) -> std, the width plan's init (scaling.init_std_fn); gains are set to ones.
+
         Each parameter gets its own generator seeded from (seed, its index), on the parameter's device,
         so the result does not depend on sharding: under FSDP2 the full tensor is drawn on every rank
         and each rank keeps its rows (same values on CPU runs, and on GPU runs, of any world size).
         """
-        std_fn = std_fn or (lambda n, p: default_init_std(n, p, self.args.dim))
+        std_fn = std_fn or init_std_fn(ScalingArgs(), self.args.dim)  # the sp plan's init (App. G.3)
         self.rope = rope_tables(
             self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=self.rope.device
         )

@@ -1,16 +1,17 @@
-"""Optimizer: one named AdamW group per (parameter class, scaling rule), the per-group schedule,
-the start-up table, and global grad-norm clipping that is correct under FSDP2.
+"""Optimizer: one named AdamW group per parameter class of the width plan (scaling.plan), the per-group
+schedule, the start-up table and param_groups.json (the plan's dump), and global grad-norm clipping that
+is correct under FSDP2.
 
 Two AdamW variants (App. G.1): PyTorch's (Algorithm 1: decay eta_t * lambda per step) and the
-"fully decoupled" one of Loshchilov & Hutter (decay lambda * schedule(t) per step). Under the
-latter, muP with a fixed lambda equals independent scaling (SPEC §2).
+"fully decoupled" one of Loshchilov & Hutter (decay lambda * schedule(t) per step). How each applies
+lambda is its row of scaling.DECAY_RULES; under the decoupled one, muP with a fixed lambda equals
+independent scaling (SPEC §2).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,20 +21,19 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from lingua_wd.args import check
+from lingua_wd.args import check, check_choice, one_of
+from lingua_wd.model import ModelArgs, check_model_args
 from lingua_wd.scaling import (
-    CLASSES,
+    DECAY_RULES,
+    Plan,
     ScalingArgs,
-    class_hparams,
-    fan_in,
-    init_std_fn,
-    iters_per_epoch,
+    check_scaling_args,
+    fans,
+    group_decay,
     param_classes,
-    rule_name,
-    target_tau_iter,
-    width_mult,
+    plan,
 )
-from lingua_wd.schedule import ScheduleArgs, extra_warmup_factors, group_factor
+from lingua_wd.schedule import ScheduleArgs, check_schedule_args, extra_warmup_factors, group_factor
 
 logger = logging.getLogger(__name__)
 
@@ -47,17 +47,24 @@ class OptimArgs:
     eps: float = 1e-8  # AdamW epsilon
     clip: float = 1.0  # global grad-norm clip (0 = off)
     fused: Optional[bool] = None  # fused AdamW kernel (None: on CUDA only)
-    variant: str = "torch"  # torch: PyTorch AdamW (Alg. 1) | decoupled: Loshchilov & Hutter, decay lambda * schedule(t)
+    variant: str = one_of("torch", lambda: VARIANTS)  # AdamW: torch Alg. 1, decoupled Loshchilov & Hutter (DECAY_RULES)
 
 
 class DecoupledAdamW(torch.optim.AdamW):
-    """The "fully decoupled" AdamW of Loshchilov & Hutter (App. G.1).
+    """AdamW that applies each group's weight decay itself, by the group's decay rule (scaling.group_decay):
+    the "fully decoupled" AdamW of Loshchilov & Hutter (App. G.1) unless a group names another rule.
 
-    Each step multiplies the weights by 1 - lambda * s_t, with s_t = lr / initial_lr the group's
+    Each step multiplies the weights by 1 - d_t, d_t = lambda * s_t with s_t = lr / initial_lr the group's
     schedule factor, then takes PyTorch's Adam step without decay. PyTorch applies its decay before
     the Adam update too, so with lambda' = eta * lambda and a constant LR both variants coincide.
     Elementwise foreach ops only, so sharded DTensor parameters (FSDP2) decay shard by shard.
     """
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self.defaults["decay_rule"] = "decoupled"
+        self.register_load_state_dict_post_hook(_name_decay_rule)
+        _name_decay_rule(self)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -70,7 +77,7 @@ class DecoupledAdamW(torch.optim.AdamW):
             for group in self.param_groups:
                 params = [p for p in group["params"] if p.grad is not None]
                 if group["weight_decay"] and params:
-                    torch._foreach_mul_(params, 1.0 - group["weight_decay"] * group["lr"] / group["initial_lr"])
+                    torch._foreach_mul_(params, 1.0 - group_decay(group))
                 group["weight_decay"] = 0.0
             super().step()
         finally:
@@ -79,7 +86,14 @@ class DecoupledAdamW(torch.optim.AdamW):
         return loss
 
 
-VARIANTS = {"torch": torch.optim.AdamW, "decoupled": DecoupledAdamW}
+def _name_decay_rule(optimizer: torch.optim.Optimizer) -> None:
+    """Groups without a decay rule (built by hand, or loaded from a checkpoint that predates it) decay decoupled."""
+    for group in optimizer.param_groups:
+        group.setdefault("decay_rule", "decoupled")
+
+
+VARIANTS = {"torch": torch.optim.AdamW, "decoupled": DecoupledAdamW}  # optim.variant -> class
+assert VARIANTS.keys() == DECAY_RULES.keys(), "every optimizer variant needs its decay rule in scaling.DECAY_RULES"
 
 
 def check_optim_args(args: OptimArgs) -> None:
@@ -89,12 +103,19 @@ def check_optim_args(args: OptimArgs) -> None:
     check(0 <= args.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {args.beta2}")
     check(args.eps > 0, "optim.eps", f"must be positive, got {args.eps}")
     check(args.clip >= 0, "optim.clip", f"must be >= 0, got {args.clip}")
-    check(args.variant in VARIANTS, "optim.variant", f"unknown {args.variant!r} (choose from {', '.join(VARIANTS)})")
+    check_choice(args.variant, "optim.variant", VARIANTS)
 
 
-def decay_rate(lr: float, wd: float, variant: str) -> float:
-    """Per-step decay at the peak LR: eta * lambda (torch, Alg. 1) or lambda (decoupled); 1/tau_iter."""
-    return lr * wd if variant == "torch" else wd
+def check_plan_args(
+    model: ModelArgs, optim: OptimArgs, schedule: ScheduleArgs, scaling: ScalingArgs, steps: int, tokens_per_step: int
+) -> Plan:
+    """Every check of the keys the width plan reads, as the trainer runs them (and every command that
+    shares those keys); returns the plan."""
+    check_model_args(model)
+    check_optim_args(optim)
+    check_schedule_args(schedule, steps)
+    check_scaling_args(scaling)
+    return plan(scaling, model.dim, optim.lr, optim.weight_decay, optim.variant, tokens_per_step)
 
 
 def make_adamw(groups: list[dict], args: OptimArgs, on_cuda: bool) -> torch.optim.Optimizer:
@@ -103,45 +124,25 @@ def make_adamw(groups: list[dict], args: OptimArgs, on_cuda: bool) -> torch.opti
     return VARIANTS[args.variant](groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, fused=fused)
 
 
-def _inv(x: float) -> Optional[float]:
-    return 1.0 / x if x > 0 else None
-
-
-def param_groups(
-    model: nn.Module, optim: OptimArgs, scaling: ScalingArgs, tokens_per_step: int
-) -> tuple[list[dict], list[dict], list[dict]]:
-    """(optimizer groups, one table row per group, one row per parameter); one group per class under the rule."""
-    classes = param_classes(model, scaling)
-    m = width_mult(scaling, model.args.dim)
-    rule = rule_name(scaling)
-    tau = target_tau_iter(scaling, tokens_per_step) if rule == "timescale" else 0.0
-    M = iters_per_epoch(scaling, tokens_per_step)
-    std = init_std_fn(scaling, model.args)
+def param_groups(model: nn.Module, p: Plan, classes: dict[str, str]) -> tuple[list[dict], list[dict], list[dict]]:
+    """The plan's classes with the model's parameters attached: (optimizer groups, one table row per
+    group, one row per parameter). Each group carries "name", "class", "rule", "lr", "initial_lr" (peak),
+    "weight_decay" and "decay_rule" (how the optimizer applies it: scaling.DECAY_RULES)."""
     named = dict(model.named_parameters())
     groups, rows, prows = [], [], []
-    for cls in CLASSES:
+    for cls, cp in p.classes.items():
         names = [n for n, c in classes.items() if c == cls]
         if not names:
             continue
-        lr, wd = class_hparams(scaling, cls, m, optim.lr, optim.weight_decay, tau, optim.variant == "decoupled")
-        name = f"{cls}/{rule}"
-        groups.append({"params": [named[n] for n in names], "name": name, "class": cls, "rule": rule,
-                       "lr": lr, "initial_lr": lr, "weight_decay": wd})  # fmt: skip
-        for n in names:
-            p = named[n]
-            prows.append({"name": n, "class": cls, "group": name, "shape": list(p.shape), "fan_in": fan_in(cls, p),
-                          "init_std": std(n, p)})  # fmt: skip
-        rate = decay_rate(lr, wd, optim.variant)
-        mine = [r for r in prows if r["group"] == name]
-        rows.append({
-            "name": name, "class": cls, "rule": rule, "n_params": sum(named[n].numel() for n in names),
-            "n_tensors": len(names), "fan_in": sorted({r["fan_in"] for r in mine}),
-            "init_std": sorted({round(r["init_std"], 8) for r in mine}), "lr": lr, "weight_decay": wd,
-            "lr_mult": lr / optim.lr, "wd_mult": wd / optim.weight_decay if optim.weight_decay > 0 else None,
-            "eta_lambda": rate, "tau_iter": _inv(rate),
-            "tau_epoch": _inv(rate) / M if rate > 0 and M else None,
-            "eq_rms": lr / math.sqrt(2 * rate) if rate > 0 else None,  # sqrt(eta / (2 lambda)), eq 33
-        })  # fmt: skip
+        name = f"{cls}/{p.rule}"
+        groups.append({"params": [named[n] for n in names], "name": name, "class": cls, "rule": p.rule,
+                       "lr": cp.lr, "initial_lr": cp.lr, "weight_decay": cp.weight_decay, "decay_rule": p.variant})  # fmt: skip
+        mine = [{"name": n, "class": cls, "group": name, "shape": list(named[n].shape),
+                 "fan_in": fans(cls, named[n].shape)[0], "init_std": cp.init_std(named[n].shape)} for n in names]  # fmt: skip
+        prows += mine
+        rows.append({"name": name, "class": cls, "rule": p.rule, "n_params": sum(named[n].numel() for n in names),
+                     "n_tensors": len(names), "fan_in": sorted({r["fan_in"] for r in mine}),
+                     "init_std": sorted({round(r["init_std"], 8) for r in mine}), **cp.row()})  # fmt: skip
     covered = [id(p) for g in groups for p in g["params"]]
     assert len(covered) == len(set(covered)) == len(named), "param groups must cover every parameter exactly once"
     assert set(covered) == {id(p) for p in named.values()}, "param groups must cover every parameter exactly once"
@@ -157,33 +158,22 @@ def build_optimizer(
     tokens_per_step: int,
     dump_dir: str | None = None,
 ) -> tuple[torch.optim.Optimizer, LambdaLR]:
-    """AdamW with one named group per class (scaling rule applied) and a LambdaLR with one factor per group.
+    """AdamW with one named group per class of the width plan and a LambdaLR with one factor per group.
 
-    Each group carries "name", "class", "rule", "lr" (scheduled), "initial_lr" (peak) and "weight_decay".
     With dump_dir (rank 0), logs the start-up table and writes <dump_dir>/param_groups.json.
     """
-    groups, rows, prows = param_groups(model, optim, scaling, tokens_per_step)
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    opt = make_adamw(groups, optim, on_cuda)
-    m = width_mult(scaling, model.args.dim)
-    tau = target_tau_iter(scaling, tokens_per_step) if rule_name(scaling) == "timescale" else 0.0
-    ref_lr, ref_wd = class_hparams(
-        scaling, "hidden", m, optim.lr, optim.weight_decay, tau, optim.variant == "decoupled"
-    )
+    p = plan(scaling, model.args.dim, optim.lr, optim.weight_decay, optim.variant, tokens_per_step)
+    groups, rows, prows = param_groups(model, p, param_classes(model, scaling))
+    opt = make_adamw(groups, optim, next(model.parameters()).device.type == "cuda")
     extra = None
-    if scaling.extra_warmup != "none":  # eq 15 decays with the hidden class's per-step decay
-        peak_decay = decay_rate(ref_lr, ref_wd, optim.variant)
+    if scaling.extra_warmup != "none":
         extra = extra_warmup_factors(
-            scaling.extra_warmup, schedule, total_steps, m, scaling.extra_warmup_frac, peak_decay
+            scaling.extra_warmup, schedule, total_steps, p.width_mult, scaling.extra_warmup_frac, p.warmup_decay
         )
-    warm = set(scaling.extra_warmup_classes or CLASSES)
-    factors = [group_factor(schedule, total_steps, extra if g["class"] in warm else None) for g in groups]
-    for row, g in zip(rows, groups, strict=True):
-        row["extra_warmup"] = scaling.extra_warmup if extra is not None and g["class"] in warm else "none"
-    sched = LambdaLR(opt, factors)
+    warm = [p.classes[g["class"]].extra_warmup != "none" for g in groups]
+    sched = LambdaLR(opt, [group_factor(schedule, total_steps, extra if w else None) for w in warm])
     if dump_dir is not None:
-        header = {"width_mult": m, "dim": model.args.dim, "base_dim": scaling.base_dim or model.args.dim,
-                  "rule": rule_name(scaling), "variant": optim.variant, "tau_iter_target": tau or None}  # fmt: skip
+        header = p.header()
         write_param_groups(Path(dump_dir) / "param_groups.json", header, rows, prows)
         logger.info("parameter groups (%s)\n%s", ", ".join(f"{k}={v}" for k, v in header.items()), format_table(rows))
     return opt, sched

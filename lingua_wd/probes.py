@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Optional
@@ -29,27 +30,118 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lingua_wd.args import check
+from lingua_wd import theory
+from lingua_wd.args import check, check_choice, one_of
+from lingua_wd.scaling import ScalingArgs, group_decay, param_classes
 
-# metric -> definition (SPEC §5); K x C is the weight's shape, eta and lambda its optimizer group's
-METRICS = {
-    "rel_update": "||dW|| / ||W_t||",
-    "weight_align": "alpha_W = ||W_t X|| / (||W_t|| ||X||), about 1/sqrt(C) at init",
-    "update_align": "alpha_dW = ||dW X|| / (||dW|| ||X||) (eq 2)",
-    "align_ratio": "alpha_dW / alpha_W (muP assumes Theta(sqrt(C)), eq 5)",
-    "rrc": "relative representation change ||dW X|| / ||W_t X|| = align_ratio * rel_update (eq 4)",
-    "weight_rms": "||W_t|| / sqrt(K C)",
-    "eq_weight_rms": "equilibrium RMS of the simple model, eta / sqrt(1 - a^2) ~ sqrt(eta / (2 lambda)) (eq 33)",
-    "eq_rel_update": "equilibrium relative update sqrt(1 - a^2) ~ sqrt(2 eta lambda) (eq 36)",
-    "sigma_max": "top singular value of W_t by warm-started power iteration ([001])",
-    "grad_rel_update": "gradient-only part dW_g = W_{t+1} - a W_t (decay removed): ||dW_g|| / ||W_t||",
-    "grad_update_align": "||dW_g X|| / (||dW_g|| ||X||)",
-    "grad_rrc": "||dW_g X|| / ||W_t X||",
+
+@dataclass(frozen=True)
+class Norms:
+    """One probed layer after the reduction: the norms (square roots of the all-reduced sums; None where
+    not computed or not defined), its weight's shape K x C and its optimizer group's LR and per-step decay."""
+
+    w: Optional[float]  # ||W_t||
+    y: Optional[float]  # ||W_t X||
+    dw: Optional[float]  # ||dW||, dW = W_{t+1} - W_t
+    dwx: Optional[float]  # ||dW X||
+    x: Optional[float]  # ||X||
+    sigma: Optional[float]  # sigma_max(W_t) (power iteration)
+    dwg: Optional[float]  # ||dW_g||, dW_g = W_{t+1} - (1 - d) W_t: the update without the decay
+    dwgx: Optional[float]  # ||dW_g X||
+    K: int
+    C: int
+    eta: Optional[float]  # the group's LR at this step
+    decay: Optional[float]  # the group's decay per step d (scaling.group_decay)
+
+
+@dataclass(frozen=True)
+class Metric:
+    needs: frozenset[str]  # what after_step computes for it: x (inputs), dw, grad (dW_g), sigma, decay
+    value: Callable[[Norms], Optional[float]]  # None (or not finite): left out of the record
+    doc: str  # definition and reference (SPEC §5)
+    default: bool = True  # in probes.metrics by default
+
+
+def _weight_align(n: Norms) -> Optional[float]:
+    return _div(n.y, _mul(n.w, n.x))
+
+
+def _update_align(n: Norms) -> Optional[float]:
+    return _div(n.dwx, _mul(n.dw, n.x))
+
+
+def _decayed(f: Callable[[Norms], float]) -> Callable[[Norms], Optional[float]]:
+    return lambda n: f(n) if n.decay else None  # the equilibria exist only with decay
+
+
+# metric -> what it needs and how it is computed (SPEC §5); K x C is the weight's shape, eta and d its group's
+METRICS: dict[str, Metric] = {
+    "rel_update": Metric(frozenset({"dw"}), lambda n: _div(n.dw, n.w), "||dW|| / ||W_t||"),
+    "weight_align": Metric(
+        frozenset({"x"}), _weight_align, "alpha_W = ||W_t X|| / (||W_t|| ||X||), about 1/sqrt(C) at init"
+    ),
+    "update_align": Metric(frozenset({"x", "dw"}), _update_align, "alpha_dW = ||dW X|| / (||dW|| ||X||) (eq 2)"),
+    "align_ratio": Metric(
+        frozenset({"x", "dw"}),
+        lambda n: _div(_update_align(n), _weight_align(n)),
+        "alpha_dW / alpha_W (muP assumes Theta(sqrt(C)), eq 5)",
+    ),
+    "rrc": Metric(
+        frozenset({"x", "dw"}),
+        lambda n: _div(n.dwx, n.y),
+        "relative representation change ||dW X|| / ||W_t X|| = align_ratio * rel_update (eq 4)",
+    ),
+    "weight_rms": Metric(frozenset(), lambda n: _div(n.w, math.sqrt(n.K * n.C)), "||W_t|| / sqrt(K C)"),
+    "eq_weight_rms": Metric(
+        frozenset({"decay"}),
+        _decayed(lambda n: theory.decay_equilibrium_rms(n.eta, n.decay, exact=True)),
+        "equilibrium RMS of the simple model, eta / sqrt(1 - a^2) ~ sqrt(eta / (2 lambda)) (eq 33)",
+    ),
+    "eq_rel_update": Metric(
+        frozenset({"decay"}),
+        _decayed(lambda n: theory.decay_relative_update(n.decay)),
+        "equilibrium relative update sqrt(1 - a^2) ~ sqrt(2 eta lambda) (eq 36)",
+    ),
+    "sigma_max": Metric(
+        frozenset({"sigma"}), lambda n: n.sigma, "top singular value of W_t by warm-started power iteration ([001])"
+    ),
+    "grad_rel_update": Metric(
+        frozenset({"grad"}),
+        lambda n: _div(n.dwg, n.w),
+        "gradient-only part dW_g = W_{t+1} - a W_t (decay removed): ||dW_g|| / ||W_t||",
+        default=False,
+    ),
+    "grad_update_align": Metric(
+        frozenset({"grad", "x"}), lambda n: _div(n.dwgx, _mul(n.dwg, n.x)), "||dW_g X|| / (||dW_g|| ||X||)", False
+    ),
+    "grad_rrc": Metric(frozenset({"grad", "x"}), lambda n: _div(n.dwgx, n.y), "||dW_g X|| / ||W_t X||", False),
 }
-DEFAULT_METRICS = [m for m in METRICS if not m.startswith("grad_")]
-X_METRICS = {"weight_align", "update_align", "align_ratio", "rrc", "grad_update_align", "grad_rrc"}
-DW_METRICS = {"rel_update", "update_align", "align_ratio", "rrc"}
-GRAD_METRICS = {"grad_rel_update", "grad_update_align", "grad_rrc"}
+DEFAULT_METRICS = [m for m, spec in METRICS.items() if spec.default]
+
+
+def needs(metrics: list[str]) -> frozenset[str]:
+    """What after_step must compute for these metrics (the union of their table entries' needs)."""
+    return frozenset().union(*(METRICS[m].needs for m in metrics))
+
+
+def probe_key(layer: str, metric: str) -> str:
+    """The metrics.jsonl key of one layer's metric: probe/<layer>/<metric>."""
+    return f"probe/{layer}/{metric}"
+
+
+def median_key(cls: str, metric: str) -> str:
+    """The key of a class median: probe/median/<class>/<metric>."""
+    return probe_key(f"median/{cls}", metric)
+
+
+def parse_probe_key(key: str) -> Optional[tuple[str, str]]:
+    """(layer, metric) of a probe key (layer `median/<class>` for a median), None for any other key."""
+    if not key.startswith("probe/") or key.count("/") < 2:
+        return None
+    layer, metric = key[len("probe/") :].rsplit("/", 1)
+    return layer, metric
+
+
 SUMS = ("w", "y", "dw", "dwx", "sigma", "dwg", "dwgx")  # per-layer partial sums of squares, all-reduced
 CHUNK = 1 << 25  # elements per temporary in the chunked products and norms (bounds extra memory)
 COLD_ITERS = 30  # power iterations at a layer's first probe (random start); later probes warm-start
@@ -61,7 +153,7 @@ class ProbeArgs:
     layers: list[str] = field(default_factory=list)  # name globs of linears (layers.*.attention.wq) or all; [] = off
     fraction: float = 1 / 64  # share of one micro-batch giving the probe inputs X (>= 1 sequence)
     positions: int = 1024  # tokens per probe sequence whose X is kept, evenly strided to the last (0 = all)
-    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))  # probes.METRICS names; grad_*: no decay
+    metrics: list[str] = one_of(DEFAULT_METRICS, lambda: METRICS)  # what to log (probes.METRICS); grad_*: no decay
     power_iters: int = 2  # power-iteration steps per probe for sigma_max, warm-started from the last probe
 
 
@@ -71,7 +163,7 @@ def check_probe_args(args: ProbeArgs) -> None:
     check(args.positions >= 0, "probes.positions", f"must be >= 0 (0 = every token), got {args.positions}")
     check(args.power_iters >= 1, "probes.power_iters", f"must be >= 1, got {args.power_iters}")
     for name in args.metrics:
-        check(name in METRICS, "probes.metrics", f"unknown metric {name!r} (choose from {', '.join(METRICS)})")
+        check_choice(name, "probes.metrics", METRICS)
     check(len(args.metrics) > 0, "probes.metrics", "is empty (set probes.layers=[] to turn probes off)")
 
 
@@ -85,19 +177,13 @@ def match_layers(model: nn.Module, patterns: list[str]) -> list[str]:
     return [n for n in linears if any(fnmatchcase(n, g) for g in globs)]
 
 
-def layer_classes(model: nn.Module, names: list[str], scaling_args: Any = None) -> dict[str, str]:
+def layer_classes(model: nn.Module, names: list[str], scaling_args: Optional[ScalingArgs] = None) -> dict[str, str]:
     """Layer -> parameter class of its weight (scaling.param_classes), for the per-class medians."""
-    if scaling_args is None:
-        from lingua_wd.scaling import ScalingArgs
-
-        scaling_args = ScalingArgs()
-    from lingua_wd.scaling import param_classes
-
-    classes = param_classes(model, scaling_args)
+    classes = param_classes(model, scaling_args or ScalingArgs())
     return {n: classes[f"{n}.weight"] for n in names}
 
 
-def build_probes(args: ProbeArgs, model: nn.Module, scaling_args: Any = None) -> Optional[Probes]:
+def build_probes(args: ProbeArgs, model: nn.Module, scaling_args: Optional[ScalingArgs] = None) -> Optional[Probes]:
     """The probes of `args` on `model` (after fully_shard / compile), or None when they are off."""
     check_probe_args(args)
     if args.every == 0 or not args.layers:
@@ -133,11 +219,9 @@ class Probes:
         self.args, self.model, self.classes = args, model, classes
         self.modules = {name: model.get_submodule(name) for name in classes}
         self.index = {name: i for i, name in enumerate(classes)}
-        wanted = set(args.metrics)
-        self.need_x = bool(wanted & X_METRICS)
-        self.need_dw = bool(wanted & (DW_METRICS | GRAD_METRICS))
-        self.need_grad = bool(wanted & GRAD_METRICS)
-        self.need_sigma = "sigma_max" in wanted
+        wanted = needs(args.metrics)
+        self.need_x, self.need_dw, self.need_grad = "x" in wanted, "dw" in wanted, "grad" in wanted
+        self.need_sigma = "sigma" in wanted
         self._v: dict[str, torch.Tensor] = {}  # power-iteration vectors (R^C, replicated), kept across probes
         # the X capture: gated pre-hooks, registered once so compiled blocks never see the hook dicts change
         self._capturing, self._start, self._stride = False, 0, 1
@@ -233,11 +317,14 @@ class Probes:
             cols["dw"] = [_sq_norms(buf) for _, buf in self._groups]
             cols["dwx"] = [_products(x, buf) for x, (_, buf) in zip(xs, self._groups, strict=True)]
         rows = self._reduce(order, {k: torch.cat(v) for k, v in cols.items()}, group, decays)
+        wanted = [m for m in METRICS if m in self.args.metrics]
         out = {}
         for n in self.modules:
-            for metric, v in layer_metrics(rows[n], tuple(params[n].shape), decays.get(n)).items():
-                if metric in self.args.metrics:
-                    out[f"probe/{n}/{metric}"] = v
+            norms = layer_norms(rows[n], tuple(params[n].shape), decays.get(n))
+            for metric in wanted:
+                v = METRICS[metric].value(norms)
+                if v is not None and math.isfinite(v):  # a denominator of 0 leaves the metric out
+                    out[probe_key(n, metric)] = v
         out.update(class_medians(out, self.classes))
         self._reset()
         return out
@@ -302,37 +389,20 @@ class Probes:
         return rows
 
 
-def layer_metrics(s: dict[str, Optional[float]], shape: tuple[int, ...], decay: Optional[tuple]) -> dict[str, float]:
-    """SPEC §5 from the reduced squared norms; a metric whose denominator is 0 (or unknown) is left out."""
-    r = {k: (math.sqrt(v) if v is not None else None) for k, v in s.items()}
-    w, dw, dwx, y, x, dwg, dwgx = (r[k] for k in ("w", "dw", "dwx", "y", "x", "dwg", "dwgx"))
-    out = {
-        "rel_update": _div(dw, w),
-        "weight_align": _div(y, _mul(w, x)),
-        "update_align": _div(dwx, _mul(dw, x)),
-        "rrc": _div(dwx, y),
-        "weight_rms": _div(w, math.sqrt(shape[0] * shape[1])),
-        "sigma_max": r["sigma"],
-        "grad_rel_update": _div(dwg, w),
-        "grad_update_align": _div(dwgx, _mul(dwg, x)),
-        "grad_rrc": _div(dwgx, y),
-    }
-    out["align_ratio"] = _div(out["update_align"], out["weight_align"])
-    if decay is not None and decay[2] > 0:
-        eta, d = decay[0], decay[2]
-        one_minus_a2 = 1.0 - (1.0 - d) ** 2  # simple RMS model rho^2 <- a^2 rho^2 + eta^2, a = 1 - d (eq 30)
-        out["eq_weight_rms"] = eta / math.sqrt(one_minus_a2)  # eq 33
-        out["eq_rel_update"] = math.sqrt(one_minus_a2)  # eq 36: eta / rho_inf
-    return {k: v for k, v in out.items() if v is not None and math.isfinite(v)}
+def layer_norms(sums: dict[str, Optional[float]], shape: tuple[int, ...], decay: Optional[tuple]) -> Norms:
+    """A layer's reduced squared norms as norms, with its shape and its group's (eta, d)."""
+    r = {k: (math.sqrt(v) if v is not None else None) for k, v in sums.items()}
+    eta, d = decay if decay is not None else (None, None)
+    return Norms(**{k: r[k] for k in (*SUMS, "x")}, K=shape[0], C=shape[1], eta=eta, decay=d)
 
 
 def class_medians(metrics: dict[str, float], classes: dict[str, str]) -> dict[str, float]:
     """`probe/median/<class>/<metric>`: median over the probed layers of each parameter class."""
     by: dict[tuple[str, str], list[float]] = {}
     for key, v in metrics.items():
-        layer, metric = key[len("probe/") :].rsplit("/", 1)
+        layer, metric = parse_probe_key(key)
         by.setdefault((classes[layer], metric), []).append(v)
-    return {f"probe/median/{c}/{m}": statistics.median(vs) for (c, m), vs in by.items()}
+    return {median_key(c, m): statistics.median(vs) for (c, m), vs in by.items()}
 
 
 def probe_slice(inputs: torch.Tensor, fraction: float, device: torch.device) -> torch.Tensor:
@@ -347,27 +417,11 @@ def probe_slice(inputs: torch.Tensor, fraction: float, device: torch.device) -> 
     return tokens
 
 
-def _decays(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -> dict[str, tuple]:
-    """Layer -> (eta, lambda, d) of its optimizer group, d the decay per step: W <- (1 - d) W + ...
-
-    PyTorch AdamW: d = eta * lambda (Alg. 1); the decoupled variant: d = lambda * eta / eta_peak.
-    `eta` is the group's current LR, so after_step must run before scheduler.step().
-    """
-    from lingua_wd.optim import DecoupledAdamW
-
+def _decays(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """Layer -> (eta, d) of its optimizer group: the current LR and the decay per step W <- (1 - d) W the
+    group applies (scaling.group_decay). Both are this step's, so after_step must run before scheduler.step()."""
     owner = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    out = {}
-    for n, p in params.items():
-        g = owner.get(id(p))
-        if g is None:
-            continue
-        eta, lam = float(g["lr"]), float(g.get("weight_decay", 0.0))
-        if isinstance(optimizer, DecoupledAdamW):
-            d = lam * eta / float(g.get("initial_lr", eta) or eta)
-        else:
-            d = eta * lam
-        out[n] = (eta, lam, d)
-    return out
+    return {n: (float(owner[id(p)]["lr"]), group_decay(owner[id(p)])) for n, p in params.items() if id(p) in owner}
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
@@ -407,7 +461,7 @@ def _layer_chunks(layers: int, per_layer: int) -> list[slice]:
 
 def _grad_part(names: list[str], buf: torch.Tensor, xs: Optional[torch.Tensor], w1: dict, decays: dict) -> tuple:
     """(||dW_g||^2, ||dW_g X||^2) per layer, dW_g = W_{t+1} - (1 - d) W_t, in chunks of layers."""
-    a = torch.tensor([1.0 - decays[n][2] if n in decays else 0.0 for n in names], device=buf.device)
+    a = torch.tensor([1.0 - decays[n][1] if n in decays else 0.0 for n in names], device=buf.device)
     dwg, dwgx = [], []
     for s in _layer_chunks(len(names), buf[0].numel()):
         g = torch.stack([w1[n] for n in names[s]]).float()

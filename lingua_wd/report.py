@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from lingua_wd.args import ConfigError, check
+from lingua_wd.args import check, parse_args, run_cli
+from lingua_wd.rundir import read_metrics
 from lingua_wd.sweep import ReportArgs, load_manifest, run_state
 
 METRICS = {"train": "final train loss (mean of last {n} steps)", "val": "final validation loss"}
@@ -41,20 +41,6 @@ class RunResult:
 
 
 # ----------------------------------------------------------------------------- reading runs
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """metrics.jsonl records; a torn last line (a run killed mid-write) is dropped."""
-    out = []
-    p = Path(path)
-    if not p.is_file():
-        return out
-    for line in p.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 def final_train_loss(records: list[dict], last_n: int) -> tuple[float, int]:
@@ -135,7 +121,7 @@ class Curve:
 
 
 def panel_keys(args: ReportArgs) -> list[str]:
-    """`report.panel` is one dotted key or several joined by commas (scaling.mode,scaling.wd_mode)."""
+    """`report.panel` is one dotted key or several joined by commas (scaling.width,scaling.wd)."""
     return [k.strip() for k in args.panel.split(",") if k.strip()]
 
 
@@ -374,12 +360,14 @@ def plot_shift(analysis: dict, path: Path) -> None:
 
 def plot_alignment(records: list[dict], name: str, path: Path) -> bool:
     """Probe metrics of one run: a panel per metric, a line per probed layer (keys probe/<layer>/<metric>)."""
+    from lingua_wd.probes import parse_probe_key  # noqa: PLC0415 (torch only when alignment plots are asked for)
+
     series: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         for k, v in r.items():
-            if k.startswith("probe/") and k.count("/") >= 2 and isinstance(v, (int, float)):
-                layer, metric = k[len("probe/") :].rsplit("/", 1)  # layer may be median/<class>
-                series[metric][layer].append((r["step"], v))
+            key = parse_probe_key(k)  # (layer, metric); the layer may be median/<class>
+            if key is not None and isinstance(v, (int, float)):
+                series[key[1]][key[0]].append((r["step"], v))
     if not series:
         return False
     plt = _plt()
@@ -516,36 +504,24 @@ def report(sweep_dir: str | os.PathLike, args: Optional[ReportArgs] = None, out_
 
 def report_args(sweep_dir: Path, dotlist: list[str]) -> ReportArgs:
     """ReportArgs defaults <- the sweep's `report:` section <- `key=value` items."""
-    layers = [OmegaConf.structured(ReportArgs)]
+    return parse_args(ReportArgs, dotlist, base=[saved_report_section(sweep_dir)])
+
+
+def saved_report_section(sweep_dir: Path) -> dict:
     saved = sweep_dir / "sweep.yaml"
-    if saved.is_file():
-        layers.append(OmegaConf.load(saved).get("report") or {})
-    try:
-        layers.append(OmegaConf.from_dotlist(dotlist))
-        return OmegaConf.to_object(OmegaConf.merge(*layers))  # type: ignore[return-value]
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", "") or "report"
-        raise ConfigError(f"{key}: {str(getattr(err, 'msg', err)).splitlines()[0]}") from None
+    return OmegaConf.to_container(OmegaConf.load(saved).get("report") or {}) if saved.is_file() else {}
 
 
-USAGE = """usage: lingua-wd report SWEEP_DIR [key=value ...] [out_dir=DIR]
-  keys (defaults from the sweep's `report:` section): x, line, panel, average, last_n, base_dim, alignment_runs
-  e.g. lingua-wd report dumps/sweeps/cpu_small last_n=20 'alignment_runs=[d64_lr4e-3_independent]'"""
+@dataclass
+class ReportCommand(ReportArgs):
+    sweep_dir: str = ""  # the sweep directory (its manifest.json, runs/ and sweep.yaml)
+    out_dir: str = ""  # where report.md, report.json and the figures go ("" = the sweep dir)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    out_dir = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("out_dir=")), None)
-    try:
-        args = report_args(Path(argv[0]), [a for a in argv[1:] if not a.startswith("out_dir=")])
-        summary = report(argv[0], args, out_dir)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    out = Path(out_dir or argv[0])
+def _main(args: ReportCommand) -> int:
+    check(bool(args.sweep_dir), "sweep_dir", "give the sweep directory: lingua-wd report SWEEP_DIR")
+    fields_ = {k: v for k, v in args.__dict__.items() if k not in ("sweep_dir", "out_dir")}
+    summary = report(args.sweep_dir, ReportArgs(**fields_), args.out_dir or None)
     for metric, panels in summary["metrics"].items():
         for panel, p in sorted(panels.items()):
             opts = ", ".join(f"{o['width']}: {o['x']:.3g}" for o in p["optima"])
@@ -553,8 +529,23 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"[report] {metric:5s} {panel}: eta* {opts}; slope {_f(f['slope'], '+.3f')} +- {_f(f['sigma_grid'], '.3f')}"
             )
-    print(f"[report] wrote {out / 'report.md'}")
+    print(f"[report] wrote {Path(args.out_dir or args.sweep_dir) / 'report.md'}")
     return 0
+
+
+USAGE = """usage: lingua-wd report SWEEP_DIR [key=value ...] [out_dir=DIR]
+  keys default to the sweep's `report:` section, e.g.
+  lingua-wd report dumps/sweeps/cpu_small last_n=20 'alignment_runs=[d64_lr4e-3_independent]'"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print(USAGE)
+        return 2
+    first = next((a for a in argv if "=" not in a and not a.startswith("-")), "")
+    base = [saved_report_section(Path(first))] if first else []
+    return run_cli(argv, ReportCommand, _main, USAGE, __doc__, positional=("sweep_dir",), base=base)
 
 
 if __name__ == "__main__":

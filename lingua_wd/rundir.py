@@ -55,6 +55,11 @@ def exit_cause(code: int) -> str:
     return f"exit {code}"
 
 
+def _entry(name: str) -> property:
+    """A read-only attribute of RunDir: the path of `name` inside the run directory."""
+    return property(lambda self: self.path / name, doc=f"<dump_dir>/{name}")
+
+
 @dataclass(frozen=True)
 class RunDir:
     """Paths of one run's directory; no I/O in the constructor."""
@@ -64,33 +69,14 @@ class RunDir:
     def __init__(self, path: str | os.PathLike):
         object.__setattr__(self, "path", Path(path))
 
-    @property
-    def config(self) -> Path:
-        return self.path / "config.yaml"
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def param_groups(self) -> Path:
-        return self.path / "param_groups.json"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
-
-    @property
-    def train_log(self) -> Path:
-        return self.path / "train.log"
-
-    @property
-    def exit_file(self) -> Path:
-        return self.path / "EXIT.json"
-
-    @property
-    def done(self) -> Path:
-        return self.path / "DONE"
+    # the layout of the module docstring: one path per entry
+    config = _entry("config.yaml")
+    metrics = _entry("metrics.jsonl")
+    param_groups = _entry("param_groups.json")
+    checkpoints = _entry("checkpoints")
+    train_log = _entry("train.log")
+    exit_file = _entry("EXIT.json")
+    done = _entry("DONE")
 
     def is_done(self) -> bool:
         return self.done.is_file()

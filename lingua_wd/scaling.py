@@ -1,79 +1,141 @@
-"""Width transfer: the one place that knows about width (SPEC §1-§2).
+"""The width plan: the one place that knows how every parameter class's hyperparameters follow the
+model's shape (SPEC §1-§2).
 
 A model of width d = model.dim is trained with hyperparameters tuned at a base (proxy) width d0;
 m = d / d0. Parameters fall into classes by first-match name patterns (App. G.2): the "matrix-like"
 hidden and output layers are width-scaled, the "vector-like" input embedding, norm gains and biases
-are not. RULES maps each scaling rule to how the width-scaled classes' LR eta and weight decay
-lambda change with m; `class_hparams` turns (rule, class, m, eta_base, lambda_base) into the values
-given to the optimizer. Equation numbers are those of Kosson et al. (seeds/002) unless marked
-[003] (Wang & Aitchison, AdamW as an EMA) or [001] (layerwise sqrt(d) rule).
+are not. A rule is one row per axis, each row citing its paper and equation:
+- WIDTH_RULES (`scaling.width`): how the width-scaled classes' LR eta follows m;
+- WD_RULES (`scaling.wd`): how the weight decay lambda follows m;
+- DECAY_RULES (`optim.variant`): how the optimizer applies lambda in each step.
+`plan()` composes the rows into a Plan with one ClassPlan per class (peak LR, weight decay, decay per
+step as the optimizer applies it, init std as a function of the shape, eta*lambda, tau_iter,
+tau_epoch, equilibrium RMS); everything else reads it: the optimizer attaches parameters to it
+(optim.param_groups), init asks it (init_std_fn), the transfer command loops it over widths, the
+probes read each group's decay (group_decay), and <dump_dir>/param_groups.json is its dump.
+Equation numbers are those of Kosson et al. (seeds/002) unless marked [003] (Wang & Aitchison,
+AdamW as an EMA) or [001] (layerwise sqrt(d) rule).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Optional
+from typing import Any, ClassVar, Optional
 
-import torch
 from torch import nn
 
-from lingua_wd.args import ConfigError, check
-from lingua_wd.model import ModelArgs
+from lingua_wd import theory
+from lingua_wd.args import ConfigError, check, check_choice, one_of
+from lingua_wd.schedule import EXTRA_WARMUPS
 
 CLASSES = ("input", "hidden", "output", "gain", "bias")
 WIDTH_SCALED = ("hidden", "output")  # "matrix-like": fan-in grows with m (SPEC §1)
 DEFAULT_PATTERNS = ("input:tok_embeddings.*", "output:output.*", "gain:*norm.weight", "hidden:layers.*")
 DECAY_CLASSES = ("input", "hidden", "output", "bias")  # App. G.3: weight decay on all but the gains
+StdFn = Callable[[str, Any], float]  # (parameter name, parameter) -> init std
 
 
 @dataclass
 class ScalingArgs:
-    mode: str = "sp"  # sp: no width scaling (baseline) | mup: muP LR eta_base/m for hidden and output
-    wd_mode: str = "standard"  # under mup: none | standard | independent | sqrt | sqrt_lr | timescale (RULES)
+    width: str = one_of("sp", lambda: WIDTH_RULES)  # how the LR of hidden and output follows m (WIDTH_RULES)
+    wd: str = one_of("standard", lambda: WD_RULES)  # how weight decay follows m (WD_RULES); width sp: standard
     base_dim: int = 0  # d0, the width the hyperparameters were tuned at; m = model.dim / d0 (0: m = 1)
-    tau_iter: float = 0.0  # timescale: AdamW EMA timescale in steps; lambda = 1/(eta tau_iter) ([003] eq 9)
-    tau_epoch: float = 0.0  # timescale: timescale in epochs, tau_iter = M tau_epoch when tau_iter = 0 ([003] eq 8)
+    tau_iter: float = 0.0  # wd=timescale: AdamW EMA timescale in steps; lambda = 1/(eta tau_iter) ([003] eq 9)
+    tau_epoch: float = 0.0  # wd=timescale: timescale in epochs, tau_iter = M tau_epoch when tau_iter = 0 ([003] eq 8)
     dataset_tokens: int = 0  # tokens per epoch; M = dataset_tokens / tokens per step (for tau_epoch)
     patterns: list[str] = field(default_factory=lambda: list(DEFAULT_PATTERNS))  # first-match "class:glob" rules
     frozen_lr: dict[str, float] = field(default_factory=dict)  # class -> peak LR kept at every width (App. G.2)
     frozen_wd: dict[str, float] = field(default_factory=dict)  # class -> weight decay kept at every width
     decay_classes: list[str] = field(default_factory=lambda: list(DECAY_CLASSES))  # classes with WD (not gains)
-    extra_warmup: str = "none"  # extra LR factor 1/m -> 1: none | exp (eq 14) | decay_away (eq 15)
+    extra_warmup: str = one_of("none", lambda: EXTRA_WARMUPS)  # extra LR factor 1/m -> 1 (eq 14, 15)
     extra_warmup_frac: float = 0.5  # exp: T_W as a fraction of the run (paper's exp50: 0.5)
     extra_warmup_classes: list[str] = field(default_factory=list)  # classes it applies to ([]: all, App. G.3.5)
-    output_init: str = "sp"  # output std: sp 1/sqrt(fan_in) | mup 1/sqrt(fan_in m) ~ 1/C (full muP)
+    output_init: str = one_of("sp", lambda: OUTPUT_INITS)  # output std 1/sqrt(fan_in), mup: 1/sqrt(fan_in m) ~ 1/C
+
+    RENAMED: ClassVar[dict[str, str]] = {"mode": "width", "wd_mode": "wd"}  # refused with the new name
+
+
+# ----------------------------------------------------------------------------- the rule tables
 
 
 @dataclass(frozen=True)
-class Rule:
+class WidthRule:
     lr_exp: float  # width-scaled classes: eta -> eta * m ** lr_exp
-    wd_exp: Optional[float]  # width-scaled classes: lambda -> lambda * m ** wd_exp (None: no weight decay)
-    vector_wd: bool  # whether the vector-like classes (input, gain, bias) keep lambda
-    timescale: bool  # every decayed class: lambda = 1 / (eta * tau_iter) instead
+    wd_rules: tuple[str, ...]  # the WD_RULES it combines with (() = all)
     source: str  # paper and equation
 
 
-# One row per mode of SPEC §2. Key "sp" is scaling.mode=sp; the others are scaling.wd_mode under mode=mup.
-RULES: dict[str, Rule] = {
-    "sp": Rule(0.0, 0.0, True, False, "baseline: (eta, lambda) unscaled, no muP"),
-    "none": Rule(-1.0, None, False, False, "002 App. C: muP (eta/m) without weight decay"),
-    "standard": Rule(-1.0, 0.0, True, False, "002 eq 7: (eta/m, lambda), eta*lambda falls as 1/m"),
-    "independent": Rule(-1.0, 1.0, True, False, "002 eq 8, [003] eq 13: (eta/m, m lambda) keeps eta*lambda"),
-    "sqrt": Rule(-1.0, 0.5, False, False, "[001]: (eta/m, sqrt(m) lambda); vector-like eta_1 = Theta(1), lambda_1 = 0"),
-    "sqrt_lr": Rule(
-        -0.5, 0.5, True, False, "002 App. B.1: (eta/sqrt(m), sqrt(m) lambda) keeps eq 13's a, rho0/rho_inf"
-    ),
-    "timescale": Rule(-1.0, None, True, True, "[003] eq 8-9: lambda = 1/(eta tau_iter), tau_iter = M tau_epoch"),
+@dataclass(frozen=True)
+class WDRule:
+    wd_exp: Optional[float]  # width-scaled classes: lambda -> lambda * m ** wd_exp (None: no weight decay)
+    vector_wd: bool  # whether the vector-like classes (input, gain, bias) keep lambda
+    timescale: bool  # every decayed class: lambda from the EMA timescale tau_iter instead
+    source: str  # paper and equation
+    lr_exp: Optional[float] = None  # replaces the width rule's LR exponent (None: keep it)
+
+
+@dataclass(frozen=True)
+class DecayRule:
+    per_step: Callable[[float, float, float], float]  # (eta_t, lambda, peak eta) -> d_t in W <- (1 - d_t) W
+    timescale_wd: Callable[[float, float], float]  # (tau_iter, peak eta) -> lambda decaying 1/tau_iter at the peak
+    source: str
+
+
+WIDTH_RULES: dict[str, WidthRule] = {
+    "sp": WidthRule(0.0, ("standard",), "baseline: (eta, lambda) unscaled, no muP"),
+    "mup": WidthRule(-1.0, (), "002 §1, App. G.2 (Everett et al.): muP as a layer-wise LR, eta_base / m"),
 }
-MODES = ("sp", "mup")
-OUTPUT_INITS = ("sp", "mup")
+WD_RULES: dict[str, WDRule] = {
+    "none": WDRule(None, False, False, "002 App. C: muP (eta/m) without weight decay"),
+    "standard": WDRule(0.0, True, False, "002 eq 7: (eta/m, lambda), eta*lambda falls as 1/m"),
+    "independent": WDRule(1.0, True, False, "002 eq 8, [003] eq 13: (eta/m, m lambda) keeps eta*lambda"),
+    "sqrt": WDRule(0.5, False, False, "[001]: (eta/m, sqrt(m) lambda); vector-like eta_1 = Theta(1), lambda_1 = 0"),
+    "sqrt_lr": WDRule(0.5, True, False, "002 App. B.1: (eta/sqrt(m), sqrt(m) lambda) keeps eq 13's a, rho0/rho_inf",
+                      lr_exp=-0.5),
+    "timescale": WDRule(None, True, True, "[003] eq 8-9: lambda = 1/(eta tau_iter), tau_iter = M tau_epoch"),
+}  # fmt: skip
+DECAY_RULES: dict[str, DecayRule] = {
+    "torch": DecayRule(
+        lambda lr, wd, peak: lr * wd, lambda tau, eta: 1.0 / (eta * tau), "PyTorch AdamW (Alg. 1): eta_t lambda"
+    ),
+    "decoupled": DecayRule(
+        lambda lr, wd, peak: wd * (lr / peak),
+        lambda tau, eta: 1.0 / tau,
+        "Loshchilov & Hutter (App. G.1): lambda eta_t / eta_peak",
+    ),
+}
+# output init: std 1/sqrt(fan_in m ** exp); mup is full muP's readout ~ 1/C, equal to sp at the base width
+OUTPUT_INITS: dict[str, float] = {"sp": 0.0, "mup": 1.0}
 
 
-def rule_name(args: ScalingArgs) -> str:
-    return "sp" if args.mode == "sp" else args.wd_mode
+def rule_label(width: str, wd: str) -> str:
+    """The rule's name in group names and param_groups.json: the width rule's when it takes one WD rule
+    (sp), else the WD rule's (independent, ...)."""
+    return width if len(WIDTH_RULES[width].wd_rules) == 1 else wd
+
+
+def rules() -> dict[str, dict[str, str]]:
+    """Every rule by its label, as the `scaling.*` values that select it: {"sp": {"width": "sp", "wd":
+    "standard"}, "none": {"width": "mup", "wd": "none"}, ...}."""
+    return {
+        rule_label(w, d): {"width": w, "wd": d} for w, row in WIDTH_RULES.items() for d in (row.wd_rules or WD_RULES)
+    }
+
+
+def parse_rule(spec: str, key: str) -> dict[str, str]:
+    """`width[:wd]` (`sp`, `mup:independent`) as `scaling.*` values; the WD rule may be left out only where
+    the width rule takes one."""
+    width, _, wd = spec.partition(":")
+    check_choice(width, key, WIDTH_RULES)
+    allowed = WIDTH_RULES[width].wd_rules or tuple(WD_RULES)
+    check(wd in allowed or (not wd and len(allowed) == 1), key, f"{spec!r}: give {width}:<wd> with wd one of {allowed}")
+    return {"width": width, "wd": wd or allowed[0]}
+
+
+# ----------------------------------------------------------------------------- parameter classes
 
 
 def width_mult(args: ScalingArgs, dim: int) -> float:
@@ -112,17 +174,27 @@ def param_classes(model: nn.Module, args: ScalingArgs) -> dict[str, str]:
     return classes
 
 
-def check_scaling_args(args: ScalingArgs, model_args: ModelArgs) -> None:
-    check(args.mode in MODES, "scaling.mode", f"unknown {args.mode!r} (choose from {', '.join(MODES)})")
-    wd_modes = [k for k in RULES if k != "sp"]
-    check(args.wd_mode in wd_modes, "scaling.wd_mode", f"unknown {args.wd_mode!r} (choose from {', '.join(wd_modes)})")
+def fans(cls: str, shape: Sequence[int]) -> tuple[int, int]:
+    """(fan_in, fan_out): a linear's or convolution's in_features x kernel size and out_features; the
+    embedding's one-hot input size (the vocabulary) and its width; (1, 1) for vectors."""
+    if len(shape) < 2:
+        return 1, 1
+    if cls == "input":
+        return int(shape[0]), int(shape[1])
+    return int(math.prod(shape[1:])), int(shape[0])
+
+
+def check_scaling_args(args: ScalingArgs) -> None:
+    check_choice(args.width, "scaling.width", WIDTH_RULES)
+    check_choice(args.wd, "scaling.wd", WD_RULES)
+    allowed = WIDTH_RULES[args.width].wd_rules
     check(
-        args.mode == "mup" or args.wd_mode == "standard",
-        "scaling.wd_mode",
-        f"{args.wd_mode} needs scaling.mode=mup (sp scales nothing; optim.weight_decay=0 turns WD off)",
+        not allowed or args.wd in allowed,
+        "scaling.wd",
+        f"{args.wd} needs scaling.width=mup (width {args.width} takes only {', '.join(allowed)}; "
+        "optim.weight_decay=0 turns WD off)",
     )
     check(args.base_dim >= 0, "scaling.base_dim", f"must be >= 0, got {args.base_dim}")
-    check(model_args.dim > 0, "model.dim", "must be positive")
     parse_patterns(args.patterns)
     for key in ("frozen_lr", "frozen_wd"):
         for cls, value in getattr(args, key).items():
@@ -131,14 +203,12 @@ def check_scaling_args(args: ScalingArgs, model_args: ModelArgs) -> None:
     for key in ("decay_classes", "extra_warmup_classes"):
         for cls in getattr(args, key):
             check(cls in CLASSES, f"scaling.{key}", f"unknown class {cls!r} (choose from {', '.join(CLASSES)})")
-    check(args.extra_warmup in ("none", "exp", "decay_away"), "scaling.extra_warmup", f"unknown {args.extra_warmup!r}")
+    check_choice(args.extra_warmup, "scaling.extra_warmup", EXTRA_WARMUPS)
     check(
         0 < args.extra_warmup_frac <= 1, "scaling.extra_warmup_frac", f"must be in (0, 1], got {args.extra_warmup_frac}"
     )
-    check(
-        args.output_init in OUTPUT_INITS, "scaling.output_init", f"unknown {args.output_init!r} (choose from sp, mup)"
-    )
-    if rule_name(args) == "timescale":
+    check_choice(args.output_init, "scaling.output_init", OUTPUT_INITS)
+    if WD_RULES[args.wd].timescale:
         check(args.tau_iter >= 0 and args.tau_epoch >= 0, "scaling.tau_iter", "timescales must be >= 0")
         check(
             args.tau_iter > 0 or (args.tau_epoch > 0 and args.dataset_tokens > 0),
@@ -148,8 +218,10 @@ def check_scaling_args(args: ScalingArgs, model_args: ModelArgs) -> None:
 
 
 def iters_per_epoch(args: ScalingArgs, tokens_per_step: int) -> Optional[float]:
-    """M of [003] eq 8: optimizer steps per pass over the data (None when dataset_tokens is unknown)."""
-    return args.dataset_tokens / tokens_per_step if args.dataset_tokens > 0 and tokens_per_step > 0 else None
+    """M of [003] eq 8 (None when dataset_tokens or the tokens per step are unknown)."""
+    if args.dataset_tokens > 0 and tokens_per_step > 0:
+        return theory.iters_per_epoch(args.dataset_tokens, tokens_per_step)
+    return None
 
 
 def target_tau_iter(args: ScalingArgs, tokens_per_step: int) -> float:
@@ -162,24 +234,142 @@ def target_tau_iter(args: ScalingArgs, tokens_per_step: int) -> float:
     return args.tau_epoch * M
 
 
-def class_hparams(
-    args: ScalingArgs, cls: str, m: float, lr: float, wd: float, tau_iter: float = 0.0, decoupled: bool = False
-) -> tuple[float, float]:
-    """(peak LR, weight decay) of class `cls` at width multiplier m from the base (eta, lambda).
+# ----------------------------------------------------------------------------- the plan
 
-    A frozen class keeps its absolute LR at every width and is treated as not width-scaled (App. G.2).
-    `decoupled`: the optimizer decays lambda * schedule(t) per step (Loshchilov & Hutter), so the
-    timescale rule sets lambda = 1/tau_iter instead of 1/(eta tau_iter).
+
+@dataclass(frozen=True)
+class Init:
+    """App. G.3: std 1/sqrt(fan) of the fan named (linears: in; the embedding: out, i.e. 1/sqrt(d)), divided
+    by sqrt(div) (full muP's readout: div = m); no fan: 0 (gains are set to ones by the model, biases to 0)."""
+
+    fan: str  # "in" | "out" | ""
+    div: float = 1.0
+
+    def std(self, cls: str, shape: Sequence[int]) -> float:
+        if not self.fan or len(shape) < 2:
+            return 0.0
+        fan_in, fan_out = fans(cls, shape)
+        return 1.0 / math.sqrt(fan_in if self.fan == "in" else fan_out) / math.sqrt(self.div)
+
+
+def class_init(args: ScalingArgs, cls: str, m: float) -> Init:
+    if cls in ("gain", "bias"):
+        return Init("")
+    if cls == "input":
+        return Init("out")
+    return Init("in", m ** OUTPUT_INITS[args.output_init] if cls == "output" else 1.0)
+
+
+@dataclass(frozen=True)
+class ClassPlan:
+    """One parameter class at the target shape: what the optimizer, init, transfer and probes use."""
+
+    cls: str
+    lr: float  # peak LR eta
+    weight_decay: float  # lambda as the optimizer takes it
+    decay: float  # decay per step at the peak LR as the optimizer applies it (eta lambda, or lambda if decoupled)
+    lr_mult: float  # eta / eta_base
+    wd_mult: Optional[float]  # lambda / lambda_base (None when lambda_base = 0)
+    iters_per_epoch: Optional[float]  # M ([003] eq 8)
+    init: Init
+    extra_warmup: str  # the extra warmup of this class's LR (schedule.EXTRA_WARMUPS)
+
+    @property
+    def tau_iter(self) -> Optional[float]:
+        """[003] eq 6: the EMA timescale 1 / (per-step decay), None without decay."""
+        return _finite(theory.decay_timescale(self.decay))
+
+    @property
+    def tau_epoch(self) -> Optional[float]:
+        """[003] eq 8: tau_iter / M."""
+        return self.tau_iter / self.iters_per_epoch if self.tau_iter and self.iters_per_epoch else None
+
+    @property
+    def eq_rms(self) -> Optional[float]:
+        """Eq 33: the equilibrium weight RMS ~ sqrt(eta / (2 lambda)) of the per-step decay."""
+        return _finite(theory.decay_equilibrium_rms(self.lr, self.decay))
+
+    def init_std(self, shape: Sequence[int]) -> float:
+        return self.init.std(self.cls, shape)
+
+    def time_to_equilibrium(self, rho0: float) -> Optional[float]:
+        """Eq 34: steps from an RMS of rho0 into the equilibrium band at the peak LR (None without decay)."""
+        return theory.decay_time_to_equilibrium(self.lr, self.decay, rho0) if rho0 and self.decay > 0 else None
+
+    def row(self) -> dict[str, Any]:
+        """The columns of param_groups.json, the start-up table and the transfer table."""
+        return {"lr": self.lr, "weight_decay": self.weight_decay, "lr_mult": self.lr_mult, "wd_mult": self.wd_mult,
+                "eta_lambda": self.decay, "tau_iter": self.tau_iter, "tau_epoch": self.tau_epoch,
+                "eq_rms": self.eq_rms, "extra_warmup": self.extra_warmup}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Plan:
+    rule: str  # rule_label: the name in group names and param_groups.json
+    source: str  # the rule's paper and equation
+    width_mult: float  # m
+    dim: int
+    base_dim: int
+    variant: str  # the DECAY_RULES row applying the weight decay (optim.variant)
+    tau_iter_target: Optional[float]  # the timescale rule's tau_iter (None under other rules)
+    classes: dict[str, ClassPlan]  # every class of CLASSES
+
+    @property
+    def warmup_decay(self) -> float:
+        """The per-step decay eq 15's decay-away warmup decays with: the hidden class's."""
+        return self.classes["hidden"].decay
+
+    def header(self) -> dict[str, Any]:
+        return {"width_mult": self.width_mult, "dim": self.dim, "base_dim": self.base_dim, "rule": self.rule,
+                "variant": self.variant, "tau_iter_target": self.tau_iter_target}  # fmt: skip
+
+
+def plan(
+    args: ScalingArgs, dim: int, lr: float, weight_decay: float, variant: str = "torch", tokens_per_step: int = 0
+) -> Plan:
+    """Every class's hyperparameters at width `dim` from the base (eta, lambda) tuned at scaling.base_dim.
+
+    tokens_per_step: data.seq_len * data.batch_size, for M = dataset_tokens / tokens per step ([003] eq 8).
     """
-    rule = RULES[rule_name(args)]
+    m = width_mult(args, dim)
+    tau = target_tau_iter(args, tokens_per_step) if WD_RULES[args.wd].timescale else 0.0
+    M = iters_per_epoch(args, tokens_per_step)
+    warm = set(args.extra_warmup_classes or CLASSES)
+    decay = DECAY_RULES[variant]
+    rows = {}
+    for cls in CLASSES:
+        eta, lam = _class_hparams(args, cls, m, lr, weight_decay, tau, decay)
+        rows[cls] = ClassPlan(
+            cls=cls,
+            lr=eta,
+            weight_decay=lam,
+            decay=decay.per_step(eta, lam, eta),
+            lr_mult=eta / lr,
+            wd_mult=lam / weight_decay if weight_decay > 0 else None,
+            iters_per_epoch=M,
+            init=class_init(args, cls, m),
+            extra_warmup=args.extra_warmup if cls in warm else "none",
+        )
+    label = rule_label(args.width, args.wd)
+    source = WIDTH_RULES[args.width].source if label == args.width else WD_RULES[args.wd].source
+    return Plan(label, source, m, dim, args.base_dim or dim, variant, tau or None, rows)
+
+
+def _class_hparams(
+    args: ScalingArgs, cls: str, m: float, lr: float, wd: float, tau: float, decay: DecayRule
+) -> tuple[float, float]:
+    """(peak LR, weight decay) of one class by the rows of scaling.width and scaling.wd. A frozen class
+    keeps its absolute LR at every width and is treated as not width-scaled (App. G.2)."""
+    rule = WD_RULES[args.wd]
+    lr_exp = WIDTH_RULES[args.width].lr_exp if rule.lr_exp is None else rule.lr_exp
     scaled = cls in WIDTH_SCALED and cls not in args.frozen_lr
-    eta = args.frozen_lr.get(cls, lr * m**rule.lr_exp if scaled else lr)
+    eta = args.frozen_lr.get(cls, lr * m**lr_exp if scaled else lr)
     if cls not in args.decay_classes:
         lam = 0.0
     elif cls in args.frozen_wd:
         lam = args.frozen_wd[cls]
     elif rule.timescale:
-        lam = 1.0 / tau_iter if decoupled else 1.0 / (eta * tau_iter)
+        lam = decay.timescale_wd(tau, eta)
     elif not scaled:
         lam = wd if rule.vector_wd else 0.0
     else:
@@ -187,28 +377,26 @@ def class_hparams(
     return eta, lam
 
 
-def init_std_fn(args: ScalingArgs, model_args: ModelArgs) -> Callable[[str, torch.Tensor], float]:
-    """(name, param) -> init std for Transformer.init_weights (App. G.3; full-muP output optional).
+def _finite(x: float) -> Optional[float]:
+    return x if math.isfinite(x) else None
 
-    Linears 1/sqrt(fan_in), embedding 1/sqrt(d), gains and biases 0 (gains are set to ones by the model).
-    """
-    patterns = parse_patterns(args.patterns)
-    m = width_mult(args, model_args.dim)
 
-    def std(name: str, param: torch.Tensor) -> float:
-        cls = classify(name, patterns)
-        if cls == "input":
-            return 1.0 / math.sqrt(model_args.dim)
-        if cls in ("gain", "bias") or param.dim() < 2:
-            return 0.0
-        s = 1.0 / math.sqrt(param.shape[1])
-        return s / math.sqrt(m) if cls == "output" and args.output_init == "mup" else s
+def init_std_fn(args: ScalingArgs, dim: int) -> StdFn:
+    """(name, param) -> init std by the init rule of the parameter's class (for Transformer.init_weights);
+    a name that no pattern matches gets the linears' rule."""
+    patterns, m = parse_patterns(args.patterns), width_mult(args, dim)
+    inits = {cls: class_init(args, cls, m) for cls in CLASSES}
+
+    def std(name: str, param: Any) -> float:
+        cls = classify(name, patterns) or "hidden"
+        return inits[cls].std(cls, param.shape)
 
     return std
 
 
-def fan_in(cls: str, param: torch.Tensor) -> int:
-    """A linear's in_features; the embedding's one-hot input size (the vocabulary); 1 for vectors."""
-    if param.dim() < 2:
-        return 1
-    return int(param.shape[0]) if cls == "input" else int(param.shape[1])
+def group_decay(group: dict[str, Any]) -> float:
+    """The decay per step W <- (1 - d) W an optimizer group applies at its current LR, by its decay rule
+    (groups without one, e.g. a plain torch.optim.AdamW's, decay as PyTorch's AdamW does)."""
+    rule = DECAY_RULES[group.get("decay_rule", "torch")]
+    lr = float(group["lr"])
+    return rule.per_step(lr, float(group.get("weight_decay", 0.0)), float(group.get("initial_lr") or lr))

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lingua_wd.args import check
+from lingua_wd.args import check, check_choice, one_of
 
 Factor = Callable[[int], float]
 
 
 @dataclass
 class ScheduleArgs:
-    kind: str = "linear"  # base LR schedule: linear | cosine | constant | wsd (each after a linear warmup)
+    kind: str = one_of("linear", lambda: SCHEDULES)  # base LR schedule after a linear warmup (SCHEDULES)
     warmup: float = 0.1  # warmup length as a fraction of the run (used when warmup_steps < 0)
     warmup_steps: int = -1  # warmup length in steps (-1: use warmup)
     final_ratio: float = 0.0  # LR at the end of the decay as a fraction of the peak (linear, cosine, wsd)
@@ -36,7 +36,7 @@ def warmup_steps(args: ScheduleArgs, total: int) -> int:
 
 
 def check_schedule_args(args: ScheduleArgs, total: int) -> None:
-    check(args.kind in SCHEDULES, "schedule.kind", f"unknown schedule {args.kind!r} (choose from {sorted(SCHEDULES)})")
+    check_choice(args.kind, "schedule.kind", SCHEDULES)
     check(0.0 <= args.warmup <= 1.0, "schedule.warmup", f"must be a fraction in [0, 1], got {args.warmup}")
     check(
         warmup_steps(args, total) <= total,
@@ -150,7 +150,7 @@ def extra_warmup_factors(
 
     peak_decay: the per-step decay eta * lambda at the peak LR that eq 15 decays with (the hidden class's).
     """
-    check(kind in EXTRA_WARMUPS, "scaling.extra_warmup", f"unknown {kind!r} (choose from {sorted(EXTRA_WARMUPS)})")
+    check_choice(kind, "scaling.extra_warmup", EXTRA_WARMUPS)
     return EXTRA_WARMUPS[kind](total, m, frac, schedule_factors(args, total), peak_decay)
 
 

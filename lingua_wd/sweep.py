@@ -6,7 +6,7 @@ grid:
   model.dim: [128, 256, 512]                 # a list is one axis
   optim.lr: {logspace: [1.0e-3, 6.4e-2, 7]}  # log-spaced range, ends included (factors of 2 here)
   wd:                                        # a zipped group: its keys move together
-    zip: {scaling.wd_mode: [standard, none], optim.weight_decay: [0.1, 0.0]}
+    zip: {scaling.wd: [standard, none], optim.weight_decay: [0.1, 0.0]}
 ```
 The runs are the product of the axes (first axis slowest). Each run gets a readable name built from its
 values (`d128_lr8e-3_standard`), a config `<sweep>/configs/<name>.yaml` and a dump dir `<sweep>/runs/<name>`,
@@ -31,7 +31,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,11 +38,12 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from lingua_wd.args import ConfigError, check, load_config, parse_args
+from lingua_wd.args import ConfigError, check, help_text, load_config, parse_args
+from lingua_wd.rundir import EXIT_REQUEUE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SNAPSHOT_ITEMS = ("lingua_wd", "apps", "configs", "slurm", "pyproject.toml")
-PREEMPTED = 75  # trainer exit code: stopped by a signal after saving a checkpoint (contracts.md)
+PREEMPTED = EXIT_REQUEUE  # trainer exit code: stopped by a signal after saving a checkpoint (rundir.py)
 LAUNCHERS = ("local", "local_parallel", "slurm")
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # not inherited
 
@@ -79,7 +79,7 @@ class SlurmArgs:
 class ReportArgs:
     x: str = "optim.lr"  # dotted key on the x axis (log scale)
     line: str = "model.dim"  # dotted key with one line per value (the width)
-    panel: str = "scaling.wd_mode"  # dotted key(s), comma-separated, with one panel per value
+    panel: str = "scaling.wd"  # dotted key(s), comma-separated, with one panel per value
     average: list[str] = field(default_factory=lambda: ["seed"])  # keys averaged over (seeds)
     last_n: int = 100  # final loss = mean training loss over the last N steps (the paper: 100)
     base_dim: int = 0  # width of multiplier m = 1 (0: scaling.base_dim of the runs, else the smallest width)
@@ -107,8 +107,8 @@ SHORT = {
     "model.n_layers": "L",
     "optim.lr": "lr",
     "optim.weight_decay": "wd",
-    "scaling.mode": "",
-    "scaling.wd_mode": "",
+    "scaling.width": "",
+    "scaling.wd": "",
     "seed": "s",
     "steps": "T",
     "data.batch_size": "B",
@@ -259,17 +259,19 @@ def train_args_class() -> Any:
 
 
 def resolve_with_trainer(cfg: DictConfig, run_name_: str) -> DictConfig:
-    """Merge into the trainer's structured defaults so a misspelt key fails now, not on the cluster."""
+    """Merge into the trainer's structured defaults and run the trainer's checks of the width plan's keys
+    (optim.check_plan_args), so a misspelt key or a width the trainer refuses fails now, not on the cluster."""
     cls = train_args_class()
     if cls is None:
         return cfg
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{run_name_}.yaml"
-        path.write_text(OmegaConf.to_yaml(cfg))
-        try:
-            return load_config(cls, [f"config={path}"])
-        except ConfigError as err:
-            raise ConfigError(f"{err} (run {run_name_})") from None
+    from lingua_wd.optim import check_plan_args  # noqa: PLC0415 (torch, like the trainer)
+
+    try:
+        merged, a = load_config(cls, base=[cfg]), parse_args(cls, base=[cfg])
+        check_plan_args(a.model, a.optim, a.schedule, a.scaling, a.steps, a.data.seq_len * a.data.batch_size)
+        return merged
+    except ConfigError as err:
+        raise ConfigError(f"{err} (run {run_name_})") from None
 
 
 def changed_keys(old: DictConfig, new: DictConfig, prefix: str = "") -> list[str]:
@@ -599,6 +601,7 @@ USAGE = """usage: lingua-wd sweep SWEEP.yaml [key=value ...] [--dry-run] [--resn
   --dry-run      list the runs and their state (new / started / resume / done); with launcher=slurm,
                  also write submit.sbatch without submitting
   --resnapshot   refresh the code snapshot of an existing sweep dir (queued SLURM tasks see the new code)"""
+HELP = help_text(SweepArgs, USAGE, __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -606,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     flags = {a for a in argv if a.startswith("--")}
     rest = [a for a in argv if not a.startswith("--")]
     if "--help" in flags or "-h" in argv or not rest:
-        print(USAGE)
+        print(HELP if rest or "--help" in flags or "-h" in argv else USAGE)
         return 0 if rest or "--help" in flags else 2
     unknown = flags - {"--dry-run", "--resnapshot", "--help"}
     try:

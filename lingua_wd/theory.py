@@ -51,9 +51,15 @@ def momentum_update_rms(beta1: float) -> float:
 
 def equilibrium_rms(lr: float, wd: float, exact: bool = False) -> float:
     """Eq 33: rho_inf = eta / sqrt(1 - a^2), about sqrt(eta / (2 lambda)); inf without weight decay."""
-    if wd <= 0:
+    return decay_equilibrium_rms(lr, lr * wd, exact)
+
+
+def decay_equilibrium_rms(lr: float, decay: float, exact: bool = False) -> float:
+    """Eq 33 in terms of the per-step decay d = 1 - a (eta lambda for PyTorch's AdamW, whatever the optimizer
+    applies otherwise): eta / sqrt(1 - (1 - d)^2), about eta / sqrt(2 d); inf without decay."""
+    if decay <= 0:
         return math.inf
-    return lr / math.sqrt(1.0 - (1.0 - lr * wd) ** 2) if exact else math.sqrt(lr / (2.0 * wd))
+    return lr / math.sqrt(1.0 - (1.0 - decay) ** 2) if exact else lr / math.sqrt(2.0 * decay)
 
 
 def relative_updates(lrs, rho, b: float = 1.0) -> np.ndarray:
@@ -64,19 +70,28 @@ def relative_updates(lrs, rho, b: float = 1.0) -> np.ndarray:
 
 def equilibrium_relative_update(lr: float, wd: float) -> float:
     """Eq 36: the relative update in equilibrium, sqrt(2 eta lambda - eta^2 lambda^2) ~ sqrt(2 eta lambda)."""
-    x = lr * wd
-    return math.sqrt(2.0 * x - x * x)
+    return decay_relative_update(lr * wd)
+
+
+def decay_relative_update(decay: float) -> float:
+    """Eq 36 in terms of the per-step decay d: eta / rho_inf = sqrt(1 - (1 - d)^2) = sqrt(2 d - d^2)."""
+    return math.sqrt(1.0 - (1.0 - decay) ** 2)
 
 
 def time_to_equilibrium(lr: float, wd: float, rho0: float) -> float:
-    """Eq 34: steps until rho_t^2 is within a factor sqrt(2) of rho_inf^2 (constant LR; 0 if it starts there).
+    """Eq 34: steps until rho_t^2 is within a factor sqrt(2) of rho_inf^2 (constant LR; 0 if it starts there)."""
+    return decay_time_to_equilibrium(lr, lr * wd, rho0)
 
-    From eq 33 with a^2t ~ exp(-2 eta lambda t); the cases of eq 34 follow the sign of its logarithms.
+
+def decay_time_to_equilibrium(lr: float, decay: float, rho0: float) -> float:
+    """Eq 34 in terms of the per-step decay d = eta lambda; inf without decay.
+
+    From eq 33 with a^2t ~ exp(-2 d t); the cases of eq 34 follow the sign of its logarithms.
     """
-    if wd <= 0:
+    if decay <= 0:
         return math.inf
-    r2 = rho0**2 / equilibrium_rms(lr, wd, exact=True) ** 2
-    k = 1.0 / (2.0 * lr * wd)
+    r2 = rho0**2 / decay_equilibrium_rms(lr, decay, exact=True) ** 2
+    k = 1.0 / (2.0 * decay)
     if r2 < 1.0 / math.sqrt(2.0):
         return k * math.log((1.0 - r2) / (1.0 - 1.0 / math.sqrt(2.0)))
     if r2 > math.sqrt(2.0):
@@ -98,7 +113,7 @@ def warmup_effect(lrs, wd: float, m: float, rho0: float) -> np.ndarray:
 def warmup_effect_constant(t, lr: float, wd: float, m: float, rho0: float) -> np.ndarray:
     """Eq 39: the closed form of s_t for a constant LR; 1/m at t = 0, tending to 1."""
     a2t = (1.0 - lr * wd) ** (2.0 * _arr(t))
-    r2 = rho0**2 / (lr**2 / (1.0 - (1.0 - lr * wd) ** 2))  # rho0^2 / rho_inf^2, exact eq 33
+    r2 = rho0**2 / equilibrium_rms(lr, wd, exact=True) ** 2  # rho0^2 / rho_inf^2, exact eq 33
     return np.sqrt((1.0 + (r2 - 1.0) * a2t) / (1.0 + (m * m * r2 - 1.0) * a2t))
 
 
@@ -145,7 +160,12 @@ def iters_per_epoch(dataset_tokens: float, tokens_per_step: float) -> float:
 
 def ema_timescale(lr: float, wd: float) -> float:
     """[003] eq 6: tau_iter = 1 / (eta lambda) (inf without decay)."""
-    return 1.0 / (lr * wd) if lr * wd > 0 else math.inf
+    return decay_timescale(lr * wd)
+
+
+def decay_timescale(decay: float) -> float:
+    """[003] eq 6 in terms of the per-step decay: tau_iter = 1 / d (inf without decay)."""
+    return 1.0 / decay if decay > 0 else math.inf
 
 
 def schedule_timescales(lrs, wd: float, iters_per_epoch: float | None = None) -> dict[str, float]:

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from lingua_wd import checkpoint as ckpt
-from lingua_wd.args import ConfigError, check, dump_config, parse_args, to_dict, to_yaml
+from lingua_wd.args import ConfigError, check, dump_config, run_cli, to_dict, to_yaml, upgrade_keys
 from lingua_wd.checkpoint import CheckpointArgs, check_checkpoint_args
 from lingua_wd.data import DataArgs, TrainLoader, build_tokenizer, check_data_args, prepare_data, val_batches
 from lingua_wd.distributed import (
@@ -46,11 +46,11 @@ from lingua_wd.metrics import (
     peak_flops,
     setup_logging,
 )
-from lingua_wd.model import ModelArgs, Transformer, check_model_args, count_params, flops_per_token
-from lingua_wd.optim import OptimArgs, build_optimizer, check_optim_args, clip_grad_norm_
+from lingua_wd.model import ModelArgs, Transformer, count_params, flops_per_token
+from lingua_wd.optim import OptimArgs, build_optimizer, check_plan_args, clip_grad_norm_
 from lingua_wd.probes import ProbeArgs, build_probes, check_probe_args, match_layers
-from lingua_wd.scaling import ScalingArgs, check_scaling_args, init_std_fn, param_classes
-from lingua_wd.schedule import ScheduleArgs, check_schedule_args
+from lingua_wd.scaling import ScalingArgs, init_std_fn, param_classes
+from lingua_wd.schedule import ScheduleArgs
 
 log = logging.getLogger("lingua_wd")
 EXIT_REQUEUE = 75  # stopped by SIGTERM / SIGUSR1 after saving a checkpoint: requeue and resume
@@ -101,10 +101,9 @@ def resolve_and_check(args: TrainArgs, world: int) -> None:
     check(
         args.model.max_seq_len >= args.data.seq_len, "model.max_seq_len", f"must be >= data.seq_len={args.data.seq_len}"
     )
-    check_model_args(args.model)
-    check_optim_args(args.optim)
-    check_schedule_args(args.schedule, args.steps)
-    check_scaling_args(args.scaling, args.model)
+    check_plan_args(
+        args.model, args.optim, args.schedule, args.scaling, args.steps, args.data.seq_len * args.data.batch_size
+    )
     check_distributed_args(args.distributed)
     check_checkpoint_args(args.checkpoint)
     check_logging_args(args.logging)
@@ -135,7 +134,7 @@ def build_model(args: TrainArgs, env: DistEnv) -> Transformer:
         model = Transformer(args.model)
     parallelize(model, args.distributed, env.device)
     model.to_empty(device=env.device)
-    model.init_weights(init_std_fn(args.scaling, args.model), seed=args.seed)
+    model.init_weights(init_std_fn(args.scaling, args.model.dim), seed=args.seed)
     return model
 
 
@@ -230,7 +229,7 @@ class Trainer:
         path = ckpt.latest(self.ckpt_root)
         if path is None:
             return
-        saved = ckpt.saved_config(path)
+        saved = upgrade_keys(TrainArgs, ckpt.saved_config(path))  # keys renamed since: compared by their new names
         conflicts = resume_conflicts(saved, self.config_for_resume()) if saved else []
         if conflicts and not self.args.guard.force_resume:
             raise ConfigError(
@@ -413,10 +412,12 @@ def train(args: TrainArgs) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = parse_args(TrainArgs, argv)
-        resolve_and_check(args, world_size_from_env())
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(argv, TrainArgs, _checked_train, USAGE, __doc__)
+
+
+USAGE = "usage: python apps/train.py [config=]FILE.yaml [key=value ...]   (or torchrun ... apps/train.py ...)"
+
+
+def _checked_train(args: TrainArgs) -> int:
+    resolve_and_check(args, world_size_from_env())
     return train(args)

@@ -1,167 +1,119 @@
 """Hyperparameters tuned at width d0 -> each class's LR and WD at other widths, under every rule.
 
-    python -m lingua_wd.transfer optim.lr=8e-3 optim.weight_decay=0.1 model.dim=128 --widths 2048
-    lingua-wd-transfer config=configs/paper/llama.yaml --widths 512 2048 --plot transfer.png
+    lingua-wd-transfer optim.lr=8e-3 optim.weight_decay=0.1 model.dim=128 transfer.widths=[2048]
+    lingua-wd-transfer configs/paper/llama.yaml transfer.widths=[512,2048] transfer.plot=transfer.png
 
-Reads the model / optim / schedule / scaling sections, `steps` and data.seq_len / data.batch_size
-of a training config (other sections are ignored), prints one table per width, writes YAML, and
-with --plot draws the schedule with the extra warmups (eq 14, 15) and the RMS model (eq 30).
+The config is a training config, read and checked as the trainer reads and checks it (every key the
+width plan reads: model, optim, schedule, scaling, steps, data.seq_len x data.batch_size), so a width
+the trainer refuses is refused here too. Without a config file the paper's run shape is the default
+(App. G.3: 20,000 steps of 4096 x 256 tokens, d0 = model.dim = 128). It loops the width plan
+(scaling.plan) over the target widths and every rule, prints one table per width with the trainer
+overrides that run each rule, writes the tables as YAML (transfer.out) and, with transfer.plot, draws
+the schedule with the extra warmups (eq 14, 15) and the RMS model (eq 30) of the hidden class.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from lingua_wd import theory
-from lingua_wd.args import ConfigError, check
-from lingua_wd.model import ModelArgs
-from lingua_wd.optim import OptimArgs, check_optim_args, decay_rate, format_table
-from lingua_wd.scaling import (
-    CLASSES,
-    RULES,
-    ScalingArgs,
-    check_scaling_args,
-    class_hparams,
-    iters_per_epoch,
-    parse_patterns,
-    rule_name,
-)
-from lingua_wd.schedule import ScheduleArgs, check_schedule_args, exp_warmup, extra_warmup_factors, schedule_factors
+from lingua_wd import scaling, theory
+from lingua_wd.args import ConfigError, check_choice, one_of, run_cli
+from lingua_wd.optim import check_plan_args, format_table
+from lingua_wd.schedule import exp_warmup, extra_warmup_factors, schedule_factors
+from lingua_wd.train import TrainArgs
+
+PAPER_RUN = {"steps": 20000, "model": {"dim": 128}, "data": {"seq_len": 4096, "batch_size": 256}}  # App. G.3
+COLUMNS = ["rule", "class", "lr", "weight_decay", "eta_lambda", "tau_iter", "tau_epoch", "eq_rms", "init_std", "t_eq"]
 
 
 @dataclass
-class TransferData:
-    seq_len: int = 4096  # tokens per sequence (paper: 4096)
-    batch_size: int = 256  # sequences per optimizer step (paper: 256, 2^20 tokens)
+class TransferOptions:
+    widths: list[int] = field(default_factory=list)  # target widths d ([] = d0 x 1, 2, 4, 8, 16)
+    rules: list[str] = one_of([], scaling.rules)  # rules to show ([] = all)
+    out: str = ""  # write the tables to this YAML file ("" = print only)
+    plot: str = ""  # draw the schedules and RMS-model trajectories into this PNG ("" = none)
 
 
 @dataclass
-class TransferArgs:
-    steps: int = 20000  # optimizer steps of the run (paper: 20,000)
-    model: ModelArgs = field(default_factory=lambda: ModelArgs(dim=128))
-    data: TransferData = field(default_factory=TransferData)
-    optim: OptimArgs = field(default_factory=OptimArgs)
-    schedule: ScheduleArgs = field(default_factory=ScheduleArgs)
-    scaling: ScalingArgs = field(default_factory=ScalingArgs)
+class TransferArgs(TrainArgs):
+    transfer: TransferOptions = field(default_factory=TransferOptions)
 
 
-SECTIONS = ("steps", "model", "optim", "schedule", "scaling")
-COLUMNS = ["mode", "class", "lr", "weight_decay", "eta_lambda", "tau_iter", "tau_epoch", "eq_rms", "init_std", "t_eq"]
-
-
-def load_args(config: str | None, dotlist: list[str]) -> TransferArgs:
-    """The sections of a training config (and key=value overrides) that transfer needs."""
-    try:
-        raw = OmegaConf.merge(OmegaConf.load(config) if config else OmegaConf.create(), OmegaConf.from_dotlist(dotlist))
-        keep = {k: raw[k] for k in SECTIONS if k in raw}
-        data = raw.get("data") or {}
-        keep["data"] = {k: data[k] for k in ("seq_len", "batch_size") if k in data}
-        args = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TransferArgs), keep))
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "config"
-        raise ConfigError(f"{key}: {str(getattr(err, 'msg', None) or err).splitlines()[0]}") from None
-    except OSError as err:
-        raise ConfigError(f"config: {err}") from None
-    check(args.steps > 0, "steps", "must be positive")
-    check_optim_args(args.optim)
-    check_schedule_args(args.schedule, args.steps)
-    return args
-
-
-def mode_scaling(base: ScalingArgs, key: str, tau_iter: float) -> ScalingArgs:
-    """The scaling args of RULES row `key` ("sp" is mode=sp, the others wd_mode under mode=mup)."""
-    if key == "sp":
-        return replace(base, mode="sp", wd_mode="standard")
-    out = replace(base, mode="mup", wd_mode=key)
-    return replace(out, tau_iter=tau_iter) if key == "timescale" and tau_iter > 0 else out
-
-
-def init_std(cls: str, dim: int, m: float, output_init: str) -> float | None:
-    """App. G.3 init at width `dim` for the fan-in-`dim` layers (w2's fan-in is 3 dim: 1/sqrt(3) smaller)."""
-    if cls in ("input", "hidden"):
-        return 1.0 / math.sqrt(dim)
-    if cls == "output":
-        return 1.0 / math.sqrt(dim * (m if output_init == "mup" else 1.0))
-    return None
-
-
-def base_tau_iter(args: TransferArgs) -> float:
-    """The timescale rule's tau_iter: configured, or else the one of the hidden class at the base width."""
-    s = args.scaling
-    if s.tau_iter > 0 or (s.tau_epoch > 0 and s.dataset_tokens > 0):
-        return s.tau_iter or s.tau_epoch * iters_per_epoch(s, tokens_per_step(args))
-    return (
-        1.0 / decay_rate(args.optim.lr, args.optim.weight_decay, args.optim.variant) if args.optim.weight_decay else 0.0
-    )
-
-
-def tokens_per_step(args: TransferArgs) -> int:
+def tokens_per_step(args: TrainArgs) -> int:
     return args.data.seq_len * args.data.batch_size
 
 
-def class_row(args: TransferArgs, scaling: ScalingArgs, cls: str, dim: int, m: float, tau: float) -> dict:
-    """One class at one width under one rule: LR, WD and the theory's predictions."""
-    o = args.optim
-    lr, wd = class_hparams(scaling, cls, m, o.lr, o.weight_decay, tau, o.variant == "decoupled")
-    rate = decay_rate(lr, wd, o.variant)  # per-step decay at the peak: 1 / tau_iter
-    M = iters_per_epoch(scaling, tokens_per_step(args))
-    lam = rate / lr  # the torch-AdamW lambda with the same per-step decay (for the RMS model)
-    rho0 = init_std(cls, dim, m, scaling.output_init)
-    return {
-        "class": cls,
-        "lr": lr,
-        "weight_decay": wd,
-        "eta_lambda": rate,
-        "tau_iter": 1.0 / rate if rate > 0 else math.inf,
-        "tau_epoch": (1.0 / rate / M if rate > 0 else math.inf) if M else None,
-        "eq_rms": theory.equilibrium_rms(lr, lam),
-        "init_std": rho0,
-        "t_eq": theory.time_to_equilibrium(lr, lam, rho0) if rho0 and lam > 0 else None,
-    }
+def base_tau_iter(args: TrainArgs) -> float:
+    """The timescale rule's tau_iter: configured, or else the one of eta_base, lambda_base (0 without decay)."""
+    s, o = args.scaling, args.optim
+    if s.tau_iter > 0 or (s.tau_epoch > 0 and s.dataset_tokens > 0):
+        return scaling.target_tau_iter(s, tokens_per_step(args))
+    tau = theory.decay_timescale(scaling.DECAY_RULES[o.variant].per_step(o.lr, o.weight_decay, o.lr))
+    return tau if math.isfinite(tau) else 0.0
 
 
-def overrides(args: TransferArgs, key: str, dim: int, d0: int, tau: float) -> str:
+def rule_plan(args: TrainArgs, label: str, dim: int, tau: float) -> scaling.Plan:
+    """The width plan of one rule at one width, checked as the trainer checks it."""
+    settings = {**scaling.rules()[label], "base_dim": args.scaling.base_dim or args.model.dim}
+    if scaling.WD_RULES[settings["wd"]].timescale and args.scaling.tau_iter <= 0:
+        settings = {**settings, "tau_iter": tau}  # keep the configured, or else the base width's, timescale
+    model = replace(args.model, dim=dim)
+    return check_plan_args(model, args.optim, args.schedule, replace(args.scaling, **settings), args.steps,
+                           tokens_per_step(args))  # fmt: skip
+
+
+def class_row(cp: scaling.ClassPlan, dim: int) -> dict:
+    """One class at one width: LR, WD and the theory's predictions for its layers of fan-in `dim`."""
+    rho0 = cp.init_std((dim, dim)) if cp.init.fan else None
+    row = {k: cp.row()[k] for k in ("lr", "weight_decay", "eta_lambda", "tau_iter", "tau_epoch", "eq_rms")}
+    return {"class": cp.cls, **row, "init_std": rho0, "t_eq": cp.time_to_equilibrium(rho0) if rho0 else None}
+
+
+def overrides(args: TrainArgs, label: str, dim: int, d0: int, tau: float) -> str:
     """The trainer overrides that run this rule at this width (the trainer applies the rule itself)."""
-    mode = "scaling.mode=sp" if key == "sp" else f"scaling.mode=mup scaling.wd_mode={key}"
-    if key == "timescale" and args.scaling.tau_iter <= 0 and args.scaling.tau_epoch <= 0:
-        mode += f" scaling.tau_iter={tau:.6g}"
-    return f"model.dim={dim} scaling.base_dim={d0} {mode} optim.lr={args.optim.lr:g} optim.weight_decay={args.optim.weight_decay:g}"
+    settings = scaling.rules()[label]
+    rule = f"scaling.width={settings['width']} scaling.wd={settings['wd']}"
+    if scaling.WD_RULES[settings["wd"]].timescale and args.scaling.tau_iter <= 0 and args.scaling.tau_epoch <= 0:
+        rule += f" scaling.tau_iter={tau:.6g}"
+    o = args.optim
+    return f"model.dim={dim} scaling.base_dim={d0} {rule} optim.lr={o.lr:g} optim.weight_decay={o.weight_decay:g}"
 
 
-def transfer(args: TransferArgs, widths: list[int], modes: list[str]) -> dict:
-    """{"base": ..., "widths": {d: {"m", "modes": {mode: {"source", "overrides", "classes": {cls: row}}}}}}."""
+def transfer(args: TransferArgs) -> dict:
+    """{"base": ..., "widths": {d: {"m", "rules": {rule: {"source", "overrides", "classes": {cls: row}}}}}}."""
     d0 = args.scaling.base_dim or args.model.dim
-    present = {cls for _, cls in parse_patterns(args.scaling.patterns)}
-    classes = [cls for cls in CLASSES if cls in present]
+    check_plan_args(args.model, args.optim, args.schedule, args.scaling, args.steps, tokens_per_step(args))
+    for label in args.transfer.rules:
+        check_choice(label, "transfer.rules", scaling.rules())
+    present = {cls for _, cls in scaling.parse_patterns(args.scaling.patterns)}
     tau = base_tau_iter(args)
-    M = iters_per_epoch(args.scaling, tokens_per_step(args))
+    o = args.optim
     out = {
-        "base": {"dim": d0, "lr": args.optim.lr, "weight_decay": args.optim.weight_decay, "variant": args.optim.variant,
-                 "steps": args.steps, "tokens_per_step": tokens_per_step(args), "iters_per_epoch": M,
+        "base": {"dim": d0, "lr": o.lr, "weight_decay": o.weight_decay, "variant": o.variant, "steps": args.steps,
+                 "tokens_per_step": tokens_per_step(args),
+                 "iters_per_epoch": scaling.iters_per_epoch(args.scaling, tokens_per_step(args)),
                  "timescale_tau_iter": tau or None},
         "widths": {},
     }  # fmt: skip
-    for dim in widths:
-        m = dim / d0
-        per_mode = {}
-        for key in modes:
-            scaling = mode_scaling(args.scaling, key, tau)
-            if key == "timescale" and tau <= 0:
+    for dim in args.transfer.widths or [d0 * 2**k for k in range(5)]:
+        per_rule = {}
+        for label in args.transfer.rules or scaling.rules():
+            if scaling.WD_RULES[scaling.rules()[label]["wd"]].timescale and tau <= 0:
                 continue  # no timescale to keep without weight decay at the base width
-            check_scaling_args(scaling, replace(args.model, dim=dim))
-            rows = {cls: class_row(args, scaling, cls, dim, m, tau) for cls in classes}
-            per_mode[key] = {"source": RULES[rule_name(scaling)].source, "overrides": overrides(args, key, dim, d0, tau),
-                             "classes": rows}  # fmt: skip
-        out["widths"][dim] = {"m": m, "modes": per_mode}
+            try:
+                p = rule_plan(args, label, dim, tau)
+            except ConfigError as err:
+                raise ConfigError(f"transfer.widths: {dim}: {err}") from None
+            rows = {cls: class_row(cp, dim) for cls, cp in p.classes.items() if cls in present}
+            per_rule[label] = {"source": p.source, "overrides": overrides(args, label, dim, d0, tau), "classes": rows}
+        out["widths"][dim] = {"m": scaling.width_mult(replace(args.scaling, base_dim=d0), dim), "rules": per_rule}
     return out
 
 
@@ -176,19 +128,11 @@ def print_report(result: dict, file=None) -> None:
     if b["timescale_tau_iter"]:
         print(f"timescale rule keeps tau_iter = {b['timescale_tau_iter']:.4g} steps", file=file)
     for dim, w in result["widths"].items():
-        rows = [{"mode": k, **r} for k, v in w["modes"].items() for r in v["classes"].values()]
+        rows = [{"rule": k, **r} for k, v in w["rules"].items() for r in v["classes"].values()]
         print(f"\nd={dim} (m={w['m']:g})", file=file)
         print(format_table(rows, COLUMNS), file=file)
-        for key, v in w["modes"].items():
+        for key, v in w["rules"].items():
             print(f"  {key:<12} {v['overrides']}   # {v['source']}", file=file)
-
-
-def _yaml_safe(x):
-    if isinstance(x, dict):
-        return {k: _yaml_safe(v) for k, v in x.items()}
-    if isinstance(x, float) and math.isinf(x):
-        return None  # no decay: infinite timescale / equilibrium
-    return x
 
 
 def plot(args: TransferArgs, result: dict, path: str) -> None:
@@ -203,26 +147,25 @@ def plot(args: TransferArgs, result: dict, path: str) -> None:
     T = args.steps
     t = np.arange(T)
     base = schedule_factors(args.schedule, T)
-    o = args.optim
-    rate = decay_rate(o.lr, o.weight_decay, o.variant)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     ax = axes[0]
     ax.plot(t, base, label=f"{args.schedule.kind} (base)")
     ax.plot(t, base * exp_warmup(t, T, m, args.scaling.extra_warmup_frac), label="x exp warmup (eq 14)")
+    rate = scaling.DECAY_RULES[args.optim.variant].per_step(args.optim.lr, args.optim.weight_decay, args.optim.lr)
     if rate > 0:
         away = extra_warmup_factors("decay_away", args.schedule, T, m, 0.0, rate)[:T]
         ax.plot(t, base * away, label="x decay-away (eq 15)")
     ax.set(xlabel="step", ylabel="LR factor", title=f"schedules at m={m:g}")
     ax.legend()
-    for key, v in [("base width", None), *result["widths"][dim]["modes"].items()]:
-        row = (
-            v["classes"]["hidden"]
-            if v
-            else class_row(args, mode_scaling(args.scaling, "sp", 0), "hidden", result["base"]["dim"], 1.0, 0)
-        )
+    d0 = result["base"]["dim"]
+    base_row = class_row(rule_plan(args, "sp", d0, 0.0).classes["hidden"], d0)
+    for key, row in [
+        ("base width", base_row),
+        *((k, v["classes"]["hidden"]) for k, v in result["widths"][dim]["rules"].items()),
+    ]:
         lrs = row["lr"] * base
         rho = theory.rms_model(lrs, row["eta_lambda"] / row["lr"], row["init_std"])
-        style = {"color": "k", "ls": "--"} if v is None else {}
+        style = {"color": "k", "ls": "--"} if key == "base width" else {}
         axes[1].plot(np.arange(T + 1), rho, label=key, **style)
         axes[2].plot(t, theory.relative_updates(lrs, rho), label=key, **style)
     axes[1].set(
@@ -236,37 +179,30 @@ def plot(args: TransferArgs, result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lingua-wd-transfer",
-        description="LR and WD of every parameter class at target widths under each scaling rule (SPEC §2).",
-        epilog="Positional items: config=FILE.yaml and key=value overrides, as for apps/train.py; d0 is "
-        "scaling.base_dim (or model.dim). Without a config the paper's setup (App. G.3) is the default.",
-    )
-    parser.add_argument("items", nargs="*", help="config=FILE.yaml and key=value overrides")
-    parser.add_argument("--widths", type=int, nargs="+", help="target widths d (default: d0 x 1, 2, 4, 8, 16)")
-    parser.add_argument("--modes", nargs="+", default=list(RULES), choices=list(RULES), help="rules to show")
-    parser.add_argument("--out", default="transfer.yaml", help="YAML output ('' to skip)")
-    parser.add_argument("--plot", default="", help="PNG of the schedules and RMS-model trajectories")
-    ns = parser.parse_args(argv)
-    configs = [a.split("=", 1)[1] for a in ns.items if a.startswith("config=")]
-    try:
-        check(all("=" in a for a in ns.items), "config", "positional items must be config=FILE or key=value")
-        args = load_args(configs[-1] if configs else None, [a for a in ns.items if not a.startswith("config=")])
-        d0 = args.scaling.base_dim or args.model.dim
-        widths = ns.widths or [d0 * 2**k for k in range(5)]
-        result = transfer(args, widths, ns.modes)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+def _yaml_safe(x: object) -> object:
+    if isinstance(x, dict):
+        return {k: _yaml_safe(v) for k, v in x.items()}
+    return None if isinstance(x, float) and math.isinf(x) else x
+
+
+def _main(args: TransferArgs) -> Optional[int]:
+    result = transfer(args)
     print_report(result)
-    if ns.out:
-        Path(ns.out).write_text(yaml.safe_dump(_yaml_safe(result), sort_keys=False))
-        print(f"\nwrote {ns.out}")
-    if ns.plot:
-        plot(args, result, ns.plot)
-        print(f"wrote {ns.plot}")
+    if args.transfer.out:
+        Path(args.transfer.out).write_text(yaml.safe_dump(_yaml_safe(result), sort_keys=False))
+        print(f"\nwrote {args.transfer.out}")
+    if args.transfer.plot:
+        plot(args, result, args.transfer.plot)
+        print(f"wrote {args.transfer.plot}")
     return 0
+
+
+USAGE = "usage: lingua-wd-transfer [[config=]FILE.yaml] [key=value ...] [transfer.widths=[...]] [transfer.out=FILE]"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    return run_cli(argv, TransferArgs, _main, USAGE, __doc__, base=[PAPER_RUN])
 
 
 if __name__ == "__main__":

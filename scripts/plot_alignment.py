@@ -2,8 +2,9 @@
 
     python scripts/plot_alignment.py RUN_DIR [RUN_DIR ...] [--layer layers.13.feed_forward.w1] [--out PREFIX]
 
-Reads each run's metrics.jsonl (the `probe/<layer>/<metric>` records of lingua_wd/probes.py) and
-config.yaml (width and hyperparameters for the labels and the fan-in C), one line per run, and
+Reads each run's metrics.jsonl (the `probe/<layer>/<metric>` records of lingua_wd/probes.py), its
+config.yaml (hyperparameters for the labels) and param_groups.json (the width and each layer's fan-in C),
+one line per run, and
 draws the theory next to the measurements (dashed, in the run's colour):
 relative update vs its equilibrium sqrt(2 eta lambda - eta^2 lambda^2) (eq 36), weight RMS vs
 sqrt(eta / (2 lambda)) (eq 33), weight alignment vs 1/sqrt(C) (its value at init), alignment ratio
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -24,6 +26,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lingua_wd.args import read_sections  # noqa: E402
+from lingua_wd.optim import OptimArgs  # noqa: E402
+from lingua_wd.probes import parse_probe_key, probe_key  # noqa: E402
+from lingua_wd.rundir import RunDir  # noqa: E402
+from lingua_wd.scaling import ScalingArgs, rule_label  # noqa: E402
 
 PAPER_LAYER = "layers.13.feed_forward.w1"  # the layer of the paper's figures (App. G.3.2)
 # panel: (metric, title, log y)
@@ -40,18 +50,23 @@ PANELS = [
 
 
 def load_run(run_dir: Path) -> tuple[list[dict], dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    cfg_path = run_dir / "config.yaml"
-    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
-    return records, cfg or {}
+    """(metrics.jsonl records, {"optim", "scaling": the run's config sections, "fan_in": parameter -> fan-in})."""
+    run = RunDir(run_dir)
+    raw = yaml.safe_load(run.config.read_text()) if run.config.is_file() else {}
+    info = read_sections(raw or {}, {"optim": OptimArgs, "scaling": ScalingArgs}) if raw else {}
+    groups = json.loads(run.param_groups.read_text()) if run.param_groups.is_file() else {}
+    info["fan_in"] = {p["name"]: p["fan_in"] for p in groups.get("params", [])}  # the width plan's dump
+    info["dim"] = groups.get("dim")
+    return run.read_metrics(), info
 
 
 def probed_layers(records: list[dict]) -> list[str]:
     seen: dict[str, None] = {}
     for r in records:
         for key in r:
-            if key.startswith("probe/"):
-                seen[key[len("probe/") :].rsplit("/", 1)[0]] = None
+            parsed = parse_probe_key(key)
+            if parsed is not None:
+                seen[parsed[0]] = None
     return list(seen)
 
 
@@ -73,7 +88,7 @@ def pick_layer(runs: list[tuple[list[dict], dict]], wanted: str | None) -> str:
 def series(records: list[dict], layer: str, metric: str, drop_last: float) -> tuple[list[int], list[float]]:
     """(steps, values) of one metric; the last `drop_last` share of the run is cut (the paper drops
     the final 0.5%: updates go to zero with the LR)."""
-    key = f"probe/{layer}/{metric}"
+    key = probe_key(layer, metric)
     pts = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
     if not pts:
         return [], []
@@ -83,21 +98,17 @@ def series(records: list[dict], layer: str, metric: str, drop_last: float) -> tu
     return list(steps), list(values)
 
 
-def fan_in(layer: str, cfg: dict) -> int | None:
-    """C of a llama linear from the model config (w2 reads the 3d-wide MLP hidden, the rest d)."""
-    model = cfg.get("model", {})
-    dim = model.get("dim")
-    if not dim or layer.startswith("median/"):
-        return None
-    return dim * model.get("ffn_mult", 3) if layer.endswith("feed_forward.w2") else dim
+def fan_in(layer: str, info: dict) -> int | None:
+    """C of a probed linear: its fan-in in the run's param_groups.json (None for a class median)."""
+    return info.get("fan_in", {}).get(f"{layer}.weight")
 
 
-def label(run_dir: Path, cfg: dict) -> str:
-    model, optim, scaling = cfg.get("model", {}), cfg.get("optim", {}), cfg.get("scaling", {})
-    if not model:
+def label(run_dir: Path, info: dict) -> str:
+    if "optim" not in info:
         return run_dir.name
-    rule = "sp" if scaling.get("mode", "sp") == "sp" else f"muP/{scaling.get('wd_mode')}"
-    return f"d={model.get('dim')} lr={optim.get('lr'):.3g} wd={optim.get('weight_decay'):.3g} {rule}"
+    o, s = info["optim"], info["scaling"]
+    rule = ("muP/" if s.width == "mup" else "") + rule_label(s.width, s.wd)
+    return f"d={info['dim']} lr={o.lr:.3g} wd={o.weight_decay:.3g} {rule}"
 
 
 def plot(run_dirs: list[Path], layer: str | None, out: Path, drop_last: float, labels: list[str] | None) -> str:
@@ -106,9 +117,9 @@ def plot(run_dirs: list[Path], layer: str | None, out: Path, drop_last: float, l
     fig, axes = plt.subplots(2, 4, figsize=(20, 8.5), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     base: dict[int, float] = {}
-    for i, (run_dir, (records, cfg)) in enumerate(zip(run_dirs, runs, strict=True)):
-        color, name = colors[i % len(colors)], (labels[i] if labels else label(run_dir, cfg))
-        C = fan_in(layer, cfg)
+    for i, (run_dir, (records, info)) in enumerate(zip(run_dirs, runs, strict=True)):
+        color, name = colors[i % len(colors)], (labels[i] if labels else label(run_dir, info))
+        C = fan_in(layer, info)
         for ax, (metric, _, _) in zip(axes.flat, PANELS, strict=True):
             if metric == "update_ratio":
                 steps, rel = series(records, layer, "rel_update", drop_last)
@@ -124,7 +135,7 @@ def plot(run_dirs: list[Path], layer: str | None, out: Path, drop_last: float, l
     for ax, (_, title, logy) in zip(axes.flat, PANELS, strict=True):
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("step")
-        if logy and any(line.get_ydata().size and min(line.get_ydata()) > 0 for line in ax.get_lines()):
+        if logy and any(len(line.get_ydata()) and min(line.get_ydata()) > 0 for line in ax.get_lines()):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes.flat[2].axhline(1.0, color="gray", lw=0.8, ls=":")

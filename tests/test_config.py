@@ -1,12 +1,14 @@
 """Config merge order, overrides, and the one-line errors that stop a run before any work."""
 
+import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from conftest import ROOT, TRAIN, env
+from conftest import ROOT, TRAIN, env, losses, run_train
 from lingua_wd.args import ConfigError, parse_args
 from lingua_wd.train import TrainArgs, resolve_and_check
 
@@ -102,7 +104,7 @@ def test_paper_config_is_the_reference_experiment():
             "data.tokenizer.name=bytes",
             "model.vocab_size=128256",
             "model.dim=2048",
-            "scaling.wd_mode=independent",
+            "scaling.wd=independent",
             "optim.lr=8e-3",
         ]
     )
@@ -114,5 +116,99 @@ def test_paper_config_is_the_reference_experiment():
     )
     assert (args.data.seq_len, args.data.batch_size, args.steps) == (4096, 256, 20000)
     assert (args.optim.beta1, args.optim.beta2, args.optim.eps, args.optim.weight_decay) == (0.9, 0.95, 1e-8, 0.1)
-    assert args.scaling.mode == "mup" and args.scaling.base_dim == 128
+    assert args.scaling.width == "mup" and args.scaling.base_dim == 128
     assert args.scaling.frozen_lr == {"input": 1.6e-2, "gain": 1.6e-2}
+
+
+def test_renamed_keys_are_refused_with_the_new_name(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        parse(["scaling.wd_mode=independent"])
+    assert str(err.value) == "scaling.wd_mode: renamed to scaling.wd"
+    old = tmp_path / "old.yaml"
+    old.write_text("scaling:\n  mode: mup\n  wd_mode: independent\n")
+    with pytest.raises(ConfigError, match=r"^scaling\.mode: renamed to scaling\.width$"):
+        parse([f"config={old}"])
+    # a config saved by a run before the rename is still read, under the new names
+    from lingua_wd.args import read_sections
+    from lingua_wd.scaling import ScalingArgs
+
+    saved = yaml.safe_load(old.read_text())
+    got = read_sections({**saved, "scaling": {**saved["scaling"], "future_key": 1}}, {"scaling": ScalingArgs})
+    assert (got["scaling"].width, got["scaling"].wd) == ("mup", "independent")
+
+
+def test_a_bare_yaml_path_is_the_config_and_other_bare_words_are_errors():
+    assert parse([str(ROOT / "configs" / "debug.yaml")]) == parse([f"config={ROOT / 'configs' / 'debug.yaml'}"])
+    with pytest.raises(ConfigError, match=r"^configs/debug: expected key=value"):
+        parse(["configs/debug"])
+
+
+def test_trainer_help_lists_every_key_with_default_and_meaning():
+    proc = subprocess.run([sys.executable, TRAIN, "--help"], cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python apps/train.py")
+    from lingua_wd.args import key_rows
+
+    rows = key_rows(TrainArgs)
+    assert len(rows) > 80
+    for key, default, meaning in rows:
+        line = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith(f"{key}="))
+        assert default in line and meaning.split(" (one of")[0] in proc.stdout, key
+    wd = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith("scaling.wd="))
+    assert "one of: none, standard, independent, sqrt, sqrt_lr, timescale" in wd  # from scaling.WD_RULES
+
+
+@pytest.mark.parametrize(
+    "command, key",
+    [
+        ("train", "optim.lr="),
+        ("sweep", "launcher="),
+        ("report", "last_n="),
+        ("transfer", "transfer.widths="),
+        ("coordcheck", "params="),
+        ("export", "ckpt_dir="),
+        ("eval", "val_sources="),
+        ("generate", "top_p="),
+    ],
+)
+def test_every_command_help_lists_its_keys(command, key, capsys):
+    from lingua_wd.cli import COMMANDS, main
+
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:") and "keys (key=default  meaning):" in out
+    assert any(line.strip().startswith(key) for line in out.splitlines()), out[-2000:]
+    assert command in COMMANDS
+
+
+def test_transfer_validates_shared_keys_as_the_trainer_does(capsys):
+    from lingua_wd.transfer import main
+
+    for argv in (["model.dim=100"], ["optim.lr=0"], ["scaling.width=mup", "scaling.wd=timescale"], ["probes.nope=1"]):
+        with pytest.raises(ConfigError) as err:
+            parse(argv)
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip() == f"config error: {err.value}"
+
+
+def test_a_run_saved_before_a_rename_resumes(tmp_path, tiny):
+    """Checkpoints written with the old key names (scaling.mode / wd_mode) resume: saved keys are compared
+    under their new names, so nothing looks changed."""
+    dump = tmp_path / "run"
+    argv = [f"dump_dir={dump}", *tiny, "steps=3", "checkpoint.every=1", "scaling.width=mup", "scaling.wd=independent",
+            "scaling.base_dim=32"]  # fmt: skip
+    run_train(argv)
+    shutil.rmtree(dump / "checkpoints" / f"{3:010d}")  # as if killed after the checkpoint of step 2
+    (dump / "DONE").unlink()
+    saved = dump / "checkpoints" / f"{2:010d}" / "config.yaml"
+    text = (
+        saved.read_text().replace("  width: mup", "  mode: mup").replace("  wd: independent", "  wd_mode: independent")
+    )
+    assert "wd_mode: independent" in text
+    saved.write_text(text)
+    manifest = saved.parent / "MANIFEST.json"  # keep the checkpoint complete: the manifest holds file sizes
+    info = json.loads(manifest.read_text())
+    info["files"]["config.yaml"] = saved.stat().st_size
+    manifest.write_text(json.dumps(info))
+    proc = run_train(argv)
+    assert "resumed from" in proc.stderr and "at step 2" in proc.stderr and "forced" not in proc.stderr
+    assert max(losses(dump)) == 3

@@ -12,7 +12,7 @@ def test_config_reference_is_current():
 
     text = (ROOT / "README.md").read_text()
     assert config_reference.render(text) == text, "run: python scripts/config_reference.py --write"
-    for key in ("model.dim", "optim.lr", "scaling.wd_mode", "probes.every", "guard.max_nonfinite", "data.seq_len"):
+    for key in ("model.dim", "optim.lr", "scaling.wd", "probes.every", "guard.max_nonfinite", "data.seq_len"):
         assert f"| `{key}` |" in text
 
 

@@ -11,24 +11,21 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaF
 
 import lingua_wd.export
 from conftest import ROOT, TINY, env, run_train
+from lingua_wd.checkpoint import consolidate, open_run
 from lingua_wd.data import DataArgs, build_tokenizer
 from lingua_wd.data.tokenizers import TokenizerArgs
 from lingua_wd.eval import EvalArgs, evaluate_path
-from lingua_wd.export import (
-    ExportArgs,
-    build_transformer,
+from lingua_wd.export import ExportArgs, export
+from lingua_wd.generate import GenerateArgs, generate, generate_text, sample_next, top_p_filter
+from lingua_wd.hf import (
     bytes_to_unicode,
-    consolidate,
-    export,
     export_tokenizer,
     from_hf_state_dict,
     hf_config,
-    load_model,
     model_args_from_hf,
-    open_run,
     to_hf_state_dict,
 )
-from lingua_wd.generate import GenerateArgs, generate, generate_text, sample_next, top_p_filter
+from lingua_wd.inference import build_transformer, load_model
 from lingua_wd.model import ModelArgs, Transformer
 
 TEXTS = ["def foo(x):\n    return x ** 2  # the thing", "héllo wörld → ∞ 12345 ok", "", "  leading  spaces\n\n\ttabs"]

@@ -20,13 +20,13 @@ from lingua_wd.scaling import ScalingArgs, init_std_fn
 from lingua_wd.schedule import ScheduleArgs, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER = ScalingArgs(mode="mup", wd_mode="independent", base_dim=64, frozen_lr={"input": 1.6e-2, "gain": 1.6e-2})
+PAPER = ScalingArgs(width="mup", wd="independent", base_dim=64, frozen_lr={"input": 1.6e-2, "gain": 1.6e-2})
 
 
 def tiny(dim: int = 256, seed: int = 0) -> Transformer:
     margs = ModelArgs(dim=dim, n_layers=2, head_dim=64, vocab_size=300, max_seq_len=32)
     model = Transformer(margs)
-    model.init_weights(init_std_fn(ScalingArgs(), margs), seed=seed)
+    model.init_weights(init_std_fn(ScalingArgs(), margs.dim), seed=seed)
     return model
 
 
@@ -78,7 +78,7 @@ def test_no_table_without_dump_dir(tmp_path, monkeypatch):
 
 
 def test_timescale_groups_use_tau_epoch_and_tokens_per_step():
-    scaling = ScalingArgs(mode="mup", wd_mode="timescale", base_dim=64, tau_epoch=2.0, dataset_tokens=1024 * 500)
+    scaling = ScalingArgs(width="mup", wd="timescale", base_dim=64, tau_epoch=2.0, dataset_tokens=1024 * 500)
     opt, _ = build(tiny(), scaling)  # M = 500 steps per epoch, tau_iter = 1000
     for g in opt.param_groups:
         if g["class"] != "gain":
@@ -87,7 +87,7 @@ def test_timescale_groups_use_tau_epoch_and_tokens_per_step():
 
 def test_scheduler_drives_each_group_with_extra_warmup_on_chosen_classes():
     scaling = ScalingArgs(
-        mode="sp", base_dim=64, extra_warmup="exp", extra_warmup_frac=0.5, extra_warmup_classes=["hidden"]
+        width="sp", base_dim=64, extra_warmup="exp", extra_warmup_frac=0.5, extra_warmup_classes=["hidden"]
     )
     opt, sched = build(tiny(), scaling, total=100)
     by = {g["class"]: g for g in opt.param_groups}
@@ -187,13 +187,13 @@ WORKER = textwrap.dedent(
 
     variant, out, device = sys.argv[1], sys.argv[2], sys.argv[3]
     margs = ModelArgs(dim=128, n_layers=2, head_dim=32, vocab_size=64, max_seq_len=16)
-    scaling = ScalingArgs(mode="mup", wd_mode="independent", base_dim=32, frozen_lr={"input": 1e-2, "gain": 1e-2},
+    scaling = ScalingArgs(width="mup", wd="independent", base_dim=32, frozen_lr={"input": 1e-2, "gain": 1e-2},
                           extra_warmup="decay_away")
     optim = OptimArgs(lr=2e-2, weight_decay=0.05 if variant == "torch" else 1e-3, variant=variant, clip=0.5)
 
     def make():
         model = Transformer(margs)
-        model.init_weights(init_std_fn(scaling, margs), seed=3)
+        model.init_weights(init_std_fn(scaling, margs.dim), seed=3)
         return model.to(device)
 
     def train(model, rank, world):

@@ -344,3 +344,38 @@ def test_bench_probes_script_runs_on_cpu():
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = [line for line in proc.stdout.splitlines() if line.startswith("| 64 |")]
     assert len(row) == 1 and "| 15 |" in row[0]  # 2 blocks x 7 linears + output probed
+
+
+def test_probes_read_the_decay_each_group_applies():
+    """eq_* use the decay per step the group's optimizer applies (scaling.group_decay), whatever the variant."""
+    from lingua_wd.optim import DecoupledAdamW, OptimArgs, build_optimizer
+    from lingua_wd.scaling import ScalingArgs
+    from lingua_wd.schedule import ScheduleArgs
+
+    model, name, lr, wd = tiny(), "layers.0.attention.wq", 1e-2, 1e-3
+    optim = OptimArgs(lr=lr, weight_decay=wd, variant="decoupled")
+    opt, sched = build_optimizer(model, optim, ScalingArgs(), ScheduleArgs(warmup_steps=4), 10, 4 * T)
+    probes = build_probes(ProbeArgs(every=1, layers=[name], metrics=["eq_rel_update", "rel_update"]), model)
+    for step, batch in enumerate(batches(3)):
+        F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).backward()
+        probes.before_step(step, batch[:, :-1])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        d = wd * (opt.param_groups[1]["lr"] / lr)  # decoupled: lambda s_t, not eta_t lambda
+        assert probes.after_step(step, opt)[f"probe/{name}/eq_rel_update"] == pytest.approx(
+            math.sqrt(1 - (1 - d) ** 2), rel=1e-12
+        )
+        sched.step()
+    w = nn.Parameter(torch.ones(2, 2))
+    hand = DecoupledAdamW([{"params": [w], "lr": 2e-3, "initial_lr": 4e-3, "weight_decay": 0.5}], lr=2e-3)
+    assert probes_mod._decays(hand, {"w": w}) == {"w": (2e-3, 0.25)}  # a hand-made group decays decoupled
+    plain = torch.optim.AdamW([w], lr=2e-3, weight_decay=0.5)
+    assert probes_mod._decays(plain, {"w": w}) == {"w": (2e-3, 1e-3)}  # PyTorch's AdamW: eta lambda
+
+
+def test_probe_keys_round_trip():
+    for layer in ("layers.13.feed_forward.w1", "output", "median/hidden"):
+        assert probes_mod.parse_probe_key(probes_mod.probe_key(layer, "rrc")) == (layer, "rrc")
+    assert probes_mod.median_key("hidden", "rrc") == "probe/median/hidden/rrc"
+    assert probes_mod.parse_probe_key("loss") is None and probes_mod.parse_probe_key("probe/x") is None
+    assert probes_mod.needs(["weight_rms"]) == frozenset() and probes_mod.needs(["rrc"]) == {"x", "dw"}

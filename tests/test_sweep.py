@@ -29,10 +29,10 @@ from lingua_wd.cli import main as cli_main
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
 
-# A stand-in trainer for launcher tests (the contract of contracts.md, nothing else): it resumes from the
+# A stand-in trainer for launcher tests (the rundir.py contract, nothing else): it resumes from the
 # newest checkpoints/<step> dir, logs {"step", "loss"} per step, saves a checkpoint and exits 75 on
 # SIGTERM / SIGUSR1 (or when FAKE_STOP_AT is reached, once), writes DONE at the end, and appends each call
-# to $FAKE_CALLS. Its loss has a known optimum: lr* = 1e-2 * (dim / 64) ** FAKE_SHIFT[wd_mode].
+# to $FAKE_CALLS. Its loss has a known optimum: lr* = 1e-2 * (dim / 64) ** FAKE_SHIFT[wd].
 FAKE_TRAIN = r"""
 import json, math, os, signal, sys, time
 from pathlib import Path
@@ -48,7 +48,7 @@ stop = []
 signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
 signal.signal(signal.SIGUSR1, lambda *a: stop.append(1))
 (d / "started").write_text(str(os.getpid()))
-shift = json.loads(os.environ.get("FAKE_SHIFT", "{}")).get(str(cfg.scaling.wd_mode), 0.0)
+shift = json.loads(os.environ.get("FAKE_SHIFT", "{}")).get(str(cfg.scaling.wd), 0.0)
 opt = 1e-2 * (cfg.model.dim / 64) ** shift
 stop_at = int(os.environ.get("FAKE_STOP_AT", "-1"))
 with open(d / "metrics.jsonl", "a") as f:
@@ -98,7 +98,7 @@ def calls_of(path: Path) -> list[dict]:
 
 
 def sweep_args(tmp_path: Path, grid: dict, **kw) -> sw.SweepArgs:
-    base = {"steps": 6, "model": {"dim": 64}, "optim": {"lr": 1e-3}, "scaling": {"wd_mode": "standard"}}
+    base = {"steps": 6, "model": {"dim": 64, "head_dim": 32}, "optim": {"lr": 1e-3}, "scaling": {"wd": "standard"}}
     args = sw.SweepArgs(name="t", dump_root=str(tmp_path / "sweeps"), base=base, grid=grid, validate=False)
     for k, v in kw.items():
         setattr(args, k, v)
@@ -120,13 +120,13 @@ def test_grid_product_ranges_zip_and_stable_names():
     grid = {
         "model.dim": [64, 128],
         "optim.lr": {"logspace": [1e-3, 8e-3, 4]},
-        "wd": {"zip": {"scaling.wd_mode": ["standard", "none"], "optim.weight_decay": [0.1, 0.0]}},
+        "wd": {"zip": {"scaling.wd": ["standard", "none"], "optim.weight_decay": [0.1, 0.0]}},
     }
     runs = sw.expand_grid(grid)
     assert len(runs) == 2 * 4 * 2
     assert [r.params["optim.lr"] for r in runs[:8:2]] == [0.001, 0.002, 0.004, 0.008]  # rounded, not 0.0080000001
     assert runs[0].name == "d64_lr1e-3_standard"
-    assert runs[1].params == {"model.dim": 64, "optim.lr": 0.001, "scaling.wd_mode": "none", "optim.weight_decay": 0.0}
+    assert runs[1].params == {"model.dim": 64, "optim.lr": 0.001, "scaling.wd": "none", "optim.weight_decay": 0.0}
     assert runs[-1].name == "d128_lr8e-3_none"
     assert [r.index for r in runs] == list(range(16))
     assert [r.name for r in sw.expand_grid(grid)] == [r.name for r in runs]  # deterministic
@@ -237,6 +237,9 @@ def test_validation_against_the_trainer_config(tmp_path: Path):
     args.validate = True
     with pytest.raises(ConfigError, match=r"^optim\.lrr: .*\(run lrr1e-3\)"):
         sw.prepare(args, write=False)
+    args.grid = {"model.dim": [64, 100]}  # the trainer refuses d=100 (head_dim 32 in the base): so does the sweep
+    with pytest.raises(ConfigError, match=r"^model\.dim: 100 is not divisible by model\.head_dim=.*\(run d100\)"):
+        sw.prepare(args, write=False)
     args.grid = {"optim.lr": [1e-3]}
     sweep_dir, _ = sw.prepare(args)
     cfg = OmegaConf.load(sweep_dir / "configs" / "lr1e-3.yaml")
@@ -293,7 +296,7 @@ def test_signal_to_local_launcher_checkpoints_and_resumes(tmp_path: Path, fake_r
         name: sig
         dump_root: {tmp_path / "sweeps"}
         validate: false
-        base: {{steps: 400, model: {{dim: 64}}, optim: {{lr: 1.0e-3}}, scaling: {{wd_mode: standard}}}}
+        base: {{steps: 400, model: {{dim: 64}}, optim: {{lr: 1.0e-3}}, scaling: {{wd: standard}}}}
         grid: {{optim.lr: [1.0e-3, 2.0e-3]}}
     """,
     )
@@ -501,10 +504,10 @@ def test_final_train_loss_weights_each_logged_step():
 
 
 def test_curves_average_seeds_and_mark_divergence():
-    args = sw.ReportArgs(panel="scaling.mode,scaling.wd_mode")
+    args = sw.ReportArgs(panel="scaling.width,scaling.wd")
 
     def v(lr: float, seed: int) -> dict:
-        return {"optim.lr": lr, "model.dim": 64, "scaling.mode": "mup", "scaling.wd_mode": "none", "seed": seed}
+        return {"optim.lr": lr, "model.dim": 64, "scaling.width": "mup", "scaling.wd": "none", "seed": seed}
 
     results = [
         rep.RunResult("a", "done", v(1e-3, 0), train=3.0), rep.RunResult("b", "done", v(1e-3, 1), train=2.0),
@@ -537,7 +540,7 @@ def test_report_on_fake_sweep(tmp_path: Path, fake_repo: Path, fake_env: Path, m
     grid = {
         "model.dim": [64, 128, 256],
         "optim.lr": {"geomspace": [1.25e-3, 2, 6]},
-        "scaling.wd_mode": ["standard", "independent"],
+        "scaling.wd": ["standard", "independent"],
     }
     args = sweep_args(tmp_path, grid)
     args.base["steps"] = 20
@@ -604,12 +607,12 @@ def test_local_sweep_of_real_trainer_end_to_end(tmp_path: Path):
           model.head_dim: 32
           checkpoint.every: 0
           logging.wandb_mode: disabled
-          scaling.mode: mup
+          scaling.width: mup
           scaling.base_dim: 64
         grid:
           model.dim: [64, 128]
           optim.lr: [3.0e-3, 3.0e-1]
-        report: {{last_n: 4, panel: scaling.wd_mode}}
+        report: {{last_n: 4, panel: scaling.wd}}
         launcher: local_parallel
         local: {{jobs: 2}}
     """,
@@ -661,7 +664,7 @@ def test_coordcheck_separates_sp_from_mup(tmp_path: Path):
     assert abs(s["mup:independent"]["act_delta_rms"]["hidden"]) < 0.2
     assert (out / "coordcheck.png").stat().st_size > 10000
     assert cc.slope([1, 2, 4], [3.0, 6.0, 12.0]) == pytest.approx(1.0)
-    assert cli_main(["coordcheck", "params=[mup]"]) == 2  # mup needs a wd_mode
+    assert cli_main(["coordcheck", "params=[mup]"]) == 2  # mup needs a WD rule
 
 
 @pytest.mark.parametrize(("name", "n_runs"), [("cpu_small", 24), ("paper_fig1", 135)])
