@@ -207,7 +207,7 @@ def tiny_model(dim: int = 64, seed: int = 3) -> Transformer:
     """conftest's tiny LLaMA (d=64, 2 blocks, head dim 32) with a 64-token vocabulary."""
     margs = ModelArgs(dim=dim, n_layers=2, head_dim=32, vocab_size=64, max_seq_len=16)
     model = Transformer(margs)
-    model.init_weights(init_std_fn(ScalingArgs(), margs), seed=seed)
+    model.init_weights(init_std_fn(ScalingArgs(), margs.dim), seed=seed)
     return model
 
 
