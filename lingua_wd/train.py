@@ -25,7 +25,15 @@ from lingua_wd import checkpoint as ckpt
 from lingua_wd import rundir
 from lingua_wd.args import ConfigError, check, check_values, dump_config, parse_args, to_dict, to_yaml
 from lingua_wd.checkpoint import CheckpointArgs, check_checkpoint_args
-from lingua_wd.data import DataArgs, TrainLoader, build_tokenizer, check_data_args, prepare_data, val_batches
+from lingua_wd.data import (
+    DataArgs,
+    TrainLoader,
+    build_tokenizer,
+    check_data_args,
+    check_sources,
+    prepare_data,
+    val_batches,
+)
 from lingua_wd.distributed import (
     DistEnv,
     DistributedArgs,
@@ -61,6 +69,7 @@ from lingua_wd.schedule import ScheduleArgs, check_schedule_args
 log = logging.getLogger("lingua_wd")
 LAST_N = 100  # the paper reports the mean training loss of the last 100 steps
 BYTES_PER_PARAM = 16  # fp32 parameter (the master copy under bf16) + fp32 gradient + AdamW's two fp32 moments
+MAX_ELEMENTS = 2**50  # a model this big is refused everywhere (the device-dependent check is check_memory)
 INT_REPEAT_S = 1.0  # a second SIGINT sooner than this is the launcher forwarding the same Ctrl-C, not a second one
 
 
@@ -136,6 +145,7 @@ def resolve_and_check(args: TrainArgs, world: int) -> None:
     check(args.eval_batches >= 0, "eval_batches", f"must be >= 0, got {args.eval_batches}")
     check(bool(args.dump_dir), "dump_dir", "must be set")
     check_data_args(args.data, world)
+    check_sources(args.data)
     vocab = build_tokenizer(args.data.tokenizer).vocab_size
     if args.model.vocab_size == 0:
         args.model.vocab_size = vocab
@@ -151,7 +161,8 @@ def resolve_and_check(args: TrainArgs, world: int) -> None:
     )
     check(args.model.rope_theta > 0, "model.rope_theta", f"must be positive, got {args.model.rope_theta}")
     check_model_args(args.model)
-    check_memory(args, world)
+    n = param_estimate(args.model) + args.model.max_seq_len * args.model.head_dim  # + the RoPE table
+    check(n < MAX_ELEMENTS, "model", f"{n:,} parameters and RoPE table entries: beyond any machine")
     check_optim_args(args.optim)
     check_schedule_args(args.schedule, args.steps)
     check_scaling_args(args.scaling, args.model)
@@ -677,6 +688,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         args = parse_args(TrainArgs, argv)
         resolve_and_check(args, world_size_from_env())
+        check_memory(args, world_size_from_env())  # here, not in resolve_and_check: it depends on this machine
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         if args is not None and os.environ.get("RANK", "0") == "0":

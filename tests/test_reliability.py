@@ -57,7 +57,9 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, tiny):
     )
     assert proc.returncode == 3
     assert "guard.max_nonfinite=3" in proc.stderr
-    assert [p.name for p in list_checkpoints(stop / "checkpoints")][-1] == f"{6:010d}"  # nothing saved after
+    # steps 6-8 (1-based) are the streak: the checkpoint of step 6 is deferred, never written
+    assert [p.name for p in list_checkpoints(stop / "checkpoints")][-1] == f"{4:010d}"
+    assert "the last good checkpoint is step 4" in proc.stderr
     assert not (stop / "DONE").exists()
 
 
