@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import mmap
 import os
 import shutil
 from collections.abc import Callable
@@ -133,15 +134,14 @@ def latest(root: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def file_hash(path: Path, chunk: int = 1 << 24) -> str:
-    """xxh3_64 of a file, read in 16 MiB chunks (about 10 GB/s from the page cache, docs/benchmarks.md)."""
-    h = xxhash.xxh3_64()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
+def file_hash(path: Path) -> str:
+    """xxh3_64 of a file, hashed straight from the page cache through mmap (no copy): about 20 GB/s
+    on one core for a file just written (docs/benchmarks.md)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return xxhash.xxh3_64(b"").hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return xxhash.xxh3_64(m).hexdigest()
 
 
 def _my_files(tmp: Path, rank: int) -> list[Path]:

@@ -23,6 +23,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lingua_wd import rundir
 from lingua_wd.args import ConfigError, check
 from lingua_wd.sweep import ReportArgs, load_manifest, run_state
 
@@ -44,17 +45,8 @@ class RunResult:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """metrics.jsonl records; a torn last line (a run killed mid-write) is dropped."""
-    out = []
-    p = Path(path)
-    if not p.is_file():
-        return out
-    for line in p.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    """metrics.jsonl records; a torn line (a run killed mid-write) is dropped (lingua_wd.rundir)."""
+    return rundir.read_metrics(Path(path))
 
 
 def final_train_loss(records: list[dict], last_n: int) -> tuple[float, int]:
@@ -108,7 +100,7 @@ def gather(sweep_dir: str | os.PathLike, args: ReportArgs) -> tuple[dict, list[R
     results = []
     for run in manifest["runs"]:
         dump = sweep_dir / run["dump_dir"]
-        records = read_metrics(dump / "metrics.jsonl")
+        records = rundir.RunDir(dump).read_metrics()
         train, last = final_train_loss(records, args.last_n)
         losses = [r[k] for r in records for k in ("loss", "val/loss") if isinstance(r.get(k), (int, float))]
         diverged = any(not math.isfinite(v) for v in losses)

@@ -15,7 +15,6 @@ relative update to the first run's (the warmup effect s_t, eq 38). Writes PREFIX
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -24,6 +23,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
+
+from lingua_wd.rundir import RunDir  # noqa: E402
 
 PAPER_LAYER = "layers.13.feed_forward.w1"  # the layer of the paper's figures (App. G.3.2)
 # panel: (metric, title, log y)
@@ -40,7 +41,7 @@ PANELS = [
 
 
 def load_run(run_dir: Path) -> tuple[list[dict], dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = RunDir(run_dir).read_metrics()
     cfg_path = run_dir / "config.yaml"
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
     return records, cfg or {}
