@@ -34,9 +34,7 @@ EXACTNESS_KEYS = (
 @dataclass
 class GuardArgs:
     max_nonfinite: int = 10  # stop after this many skipped steps with a non-finite loss or grad norm (0 = never)
-    spike_factor: float = (
-        2.0  # a step whose loss exceeds this x its running mean is a loss_spike (event; no checkpoint)
-    )
+    spike_factor: float = 2.0  # a loss above this x its running mean is a loss_spike: an event, no checkpoint
     force_resume: bool = False  # resume even if exactness-relevant config keys changed since the checkpoint
     inject_nan_steps: list[int] = field(default_factory=list)  # testing: make the loss NaN at these steps
     crash_in_checkpoint: int = -1  # testing: die (exit 137) halfway through writing the checkpoint of this step
