@@ -482,6 +482,7 @@ class Trainer:
         record.update(probe_metrics)
         self.logger.log(record)
         log.info(console_line(record))
+        self.loader.flush_warnings()
 
     def evaluate(self) -> None:
         self.val_loss = evaluate(self.model, self.val, self.env.device)

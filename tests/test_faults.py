@@ -548,3 +548,41 @@ def test_size_mismatch_and_missing_manifest_are_named(tmp_path, tiny, caplog):
     text = caplog.text
     assert "__0_0.distcp: size mismatch (100 bytes, the manifest says" in text
     assert "no MANIFEST.json: its write was interrupted" in text
+
+
+def test_dry_lanes_are_one_warning_line_with_the_count(tmp_path, caplog):
+    from lingua_wd.data import DataArgs, TrainLoader, build_tokenizer
+
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " * 40}) + "\n" for i in range(64)))
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": "a single document " * 40}) + "\n")
+    args = DataArgs(
+        sources={str(tmp_path / "big.jsonl"): 1.0, str(tmp_path / "one.jsonl"): 1.0},
+        seq_len=16, batch_size=8, micro_batch_size=2, lanes=8, workers=0, val_sources="",
+    )  # fmt: skip
+    loader = TrainLoader(args, build_tokenizer(args.tokenizer), 0, 1)
+    with caplog.at_level("WARNING"):
+        for _ in range(4):
+            loader.next_batch()
+    loader.close()
+    dry = [r.getMessage() for r in caplog.records if "no usable document" in r.getMessage()]
+    assert len(dry) == 1 and "in the share of 7 lanes so far (1, 2, 3, 4, 5, 6, 7)" in dry[0], dry
+
+
+def test_run_state(tmp_path):
+    run = RunDir(tmp_path / "r")
+    assert run.state() == "new"
+    run.path.mkdir()
+    run.metrics.write_text("{}\n")
+    assert run.state() == "started"
+    (run.checkpoints / f"{4:010d}").mkdir(parents=True)
+    assert run.state() == "started"  # no manifest: not resumable
+    (run.checkpoints / f"{4:010d}" / MANIFEST).write_text("{}")
+    assert run.state() == "resume"
+    lock = rundir.RunLock(run)
+    lock.acquire()
+    assert run.state() == "running"
+    lock.release()
+    run.write_done({"step": 4})
+    assert run.state() == "done" and run.read_done() == {"step": 4}
+    run.write_exit(75, 4)
+    assert run.read_exit()["cause"] == "stopped by a signal, checkpoint saved"

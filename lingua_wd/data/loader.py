@@ -44,27 +44,32 @@ DRY_SOURCE = re.compile(r"^data: source (.+) has no usable document in lane (\d+
 
 
 class _Warnings:
-    """Data warnings for the log; "source X has no usable document in lane N" ones (one per lane, so
-    up to data.lanes of them) are gathered into one line with the count, at the end of a batch."""
+    """Data warnings for the log. "Source X has no usable document in lane N" (one per lane and
+    source, so up to data.lanes of them, found over many batches) are counted instead, and `flush()`
+    (the trainer calls it at each log line, the loader at close) says each source's count so far in
+    one line, when it changed."""
 
     def __init__(self):
-        self.dry: dict[str, list[int]] = {}
+        self.dry: dict[str, set[int]] = {}
+        self.told: dict[str, int] = {}
 
     def add(self, text: str) -> None:
         m = DRY_SOURCE.match(text)
         if m:
-            self.dry.setdefault(m.group(1), []).append(int(m.group(2)))
+            self.dry.setdefault(m.group(1), set()).add(int(m.group(2)))
         else:
             log.warning(text)
 
     def flush(self) -> None:
         for name, lanes in sorted(self.dry.items()):
+            if self.told.get(name) == len(lanes):
+                continue
+            self.told[name] = len(lanes)
             shown = ", ".join(map(str, sorted(lanes)[:8])) + (", ..." if len(lanes) > 8 else "")
             log.warning(
-                "data: source %s has no usable document in the share of %d lane%s (%s); they go on without it",
+                "data: source %s has no usable document in the share of %d lane%s so far (%s); they go on without it",
                 *(name, len(lanes), "s" if len(lanes) > 1 else "", shown),
             )
-        self.dry = {}
 
 
 WARNINGS = _Warnings()
@@ -290,7 +295,6 @@ class TrainLoader:
                 rows.append(window)
         self.lane_states.update(states)  # the state is that of the last batch handed out
         self.cursor = cursor
-        WARNINGS.flush()
         return torch.from_numpy(np.stack(rows)).long()
 
     @property
@@ -351,7 +355,11 @@ class TrainLoader:
         self.lane_states = {lane: merged[lane] for lane in self.lanes}
         self.cursor = states[self.rank]["cursor"] if same else 0
 
+    def flush_warnings(self) -> None:
+        WARNINGS.flush()
+
     def close(self) -> None:
+        WARNINGS.flush()
         if self._pool is not None:
             self._pool.close()
             self._pool = None
