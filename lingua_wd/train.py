@@ -633,6 +633,15 @@ def train(args: TrainArgs) -> int:
     try:
         record.lock = start(run, args, env)
         control = dist.new_group(backend="gloo") if env.world > 1 and dist.get_backend() != "gloo" else None
+        finished = run.read_done()
+        if finished is not None and finished.get("step", -1) >= args.steps:  # even if its checkpoints were deleted
+            log.info("run already complete (DONE at step %d): nothing to do", finished["step"])
+            record.write(0, "finished")
+            stop.restore()
+            if record.lock is not None:
+                record.lock.release()
+            shutdown()
+            return 0
         if env.is_main:
             prepare_data(args.data)
             dump_config(args, run.config)
