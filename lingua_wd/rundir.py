@@ -228,7 +228,10 @@ class RunLock:
         self.run.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.run.path, os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # a filesystem without flock: the check below still catches all but a near tie
+                pass
             holder = self.run.lock_holder()
             if holder is not None and not self._is_me(holder):
                 try:
@@ -242,8 +245,7 @@ class RunLock:
                     )
             _atomic_write(self.run.lock_file, json.dumps({**self.record, "heartbeat": time.time()}))
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            os.close(fd)  # closing releases the flock
         self._thread = threading.Thread(target=self._beat, name="lock-heartbeat", daemon=True)
         self._thread.start()
         return None if holder is None or self._is_me(holder) else holder

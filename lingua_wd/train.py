@@ -245,13 +245,13 @@ def evaluate(model, batches: list[torch.Tensor], device: torch.device) -> Option
     return all_reduce_mean(total / len(batches)).item()
 
 
-def all_finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+def all_finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
     """1.0 on the device when this rank's shards of the weights and the optimizer state are all finite."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
     for st in optimizer.state.values():
         local += [v.to_local() if hasattr(v, "to_local") else v for v in st.values() if isinstance(v, torch.Tensor)]
     flags = [torch.isfinite(t).all() for t in local if t.is_floating_point() and t.numel()]
-    return torch.stack(flags).all().float() if flags else torch.ones(())
+    return torch.stack(flags).all().float() if flags else torch.ones((), device=device)
 
 
 class StopFlag:
@@ -331,6 +331,7 @@ class Trainer:
         self.pending: list[torch.Tensor] = []  # per step since the last line: (local loss, skipped) on the device
         self.recent: list[float] = []  # the last LAST_N global mean losses, for DONE
         self.deferred = False  # a checkpoint was due during a divergence streak
+        self.stop_cause = ""
 
     def config_for_resume(self) -> dict:
         return {**to_dict(self.args), "world_size": self.env.world}
@@ -404,13 +405,17 @@ class Trainer:
     def health(self) -> Optional[int]:
         """Collective, before a save: the step the current divergence streak started at (None if
         there is none), judged on the steps logged so far and those since (without logging them).
-        Raises Diverged for non-finite weights, ConfigError if another trainer took the lock."""
+        Raises Diverged for non-finite weights, LockHeld if another trainer took the lock."""
         lost = float(self.lock is not None and not self.lock.held())
-        head = torch.stack([1 - all_finite(self.model, self.optimizer), torch.tensor(lost, device=self.env.device)])
+        head = torch.stack(
+            [1 - all_finite(self.model, self.optimizer, self.env.device), torch.tensor(lost, device=self.env.device)]
+        )
         rows = torch.stack(self.pending) if self.pending else torch.zeros(0, 2, device=self.env.device)
         flat = all_reduce_mean(torch.cat([head, rows.flatten()])).tolist()
         if flat[1] > 0:
-            raise ConfigError("dump_dir: another trainer took over this run directory's lock; stopping without saving")
+            raise rundir.LockHeld(
+                "dump_dir: another trainer took over this run directory's lock; stopping without saving"
+            )
         if flat[0] > 0:
             raise Diverged(
                 f"the weights or optimizer state are non-finite after step {self.step} (an update overflowed)"
@@ -422,14 +427,14 @@ class Trainer:
             peek.update(first + i, loss, bad > 0 or not math.isfinite(loss))
         return peek.streak_start
 
-    def checkpoint(self, last: bool, stopping: bool) -> None:
+    def checkpoint(self, last: bool, stopping: bool) -> bool:
         """Save, unless the loss is diverging: then defer (the next steps retry), skip (a stop: the
         restart resumes from the last good checkpoint) or stop (the run's end: exit 3)."""
         streak = self.health()
         if streak is None:
             self.save()
             self.deferred = False
-            return
+            return True
         if last:
             raise Diverged(
                 f"the run ended in a divergence streak (loss spikes or non-finite steps since step {streak})"
@@ -447,6 +452,7 @@ class Trainer:
                 streak,
             )
             self.deferred = True
+        return False
 
     def log(self, grad_norm, lr: float, meter: Throughput, probe_metrics: dict) -> None:
         """One sync per log step: losses, skip flags and counters come to the host together."""
@@ -528,10 +534,12 @@ class Trainer:
                 self.evaluate()
             stopping = stop.agreed(self.control)
             due = (args.checkpoint.every and self.step % args.checkpoint.every == 0) or last or self.deferred
-            if due or (stopping and self.step > started):
-                self.checkpoint(last, stopping)
+            saved = (due or (stopping and self.step > started)) and self.checkpoint(last, stopping)
             if stopping:
-                log.warning("stopped at step %d by %s: exit %d (requeue)", self.step, "a signal", EXIT_REQUEUE)
+                self.stop_cause = f"stopped by a signal at step {self.step}, " + (
+                    "checkpoint saved" if saved else "nothing saved (diverging): resume from the last good checkpoint"
+                )
+                log.warning("%s: exit %d (requeue)", self.stop_cause, EXIT_REQUEUE)
                 return EXIT_REQUEUE
         self.finish()
         return 0
@@ -541,7 +549,9 @@ class Trainer:
         if not self.env.is_main:
             return
         if self.lock is not None and not self.lock.held():
-            raise ConfigError("dump_dir: another trainer took over this run directory's lock; DONE not written")
+            log.error("dump_dir: another trainer took over this run directory's lock; DONE not written")
+            self.lock = None
+            return
         finite = [v for v in self.recent if math.isfinite(v)]
         self.run_dir.write_done(
             {
@@ -624,11 +634,15 @@ def start(run: RunDir, args: TrainArgs, env: DistEnv) -> Optional[rundir.RunLock
 
 def train(args: TrainArgs) -> int:
     run = RunDir(args.dump_dir)
-    env = init_distributed(args.distributed)
+    record = ExitRecord(run, os.environ.get("RANK", "0") == "0")
+    stop = StopFlag(record.abort)  # before the rendezvous: a Ctrl-C while waiting is no traceback either
+    try:
+        env = init_distributed(args.distributed)
+    except BaseException:
+        stop.restore()
+        raise
     setup_logging(env.rank)
     seed_everything(args.seed, args.distributed.deterministic)
-    record = ExitRecord(run, env.is_main)
-    stop = StopFlag(record.abort)
     trainer, cause, clean = None, "", True
     try:
         record.lock = start(run, args, env)
@@ -655,7 +669,7 @@ def train(args: TrainArgs) -> int:
             code = 0
         else:
             code = trainer.run(stop)
-        cause = "" if code == 0 else f"stopped by a signal at step {trainer.step}, checkpoint saved"
+        cause = "" if code == 0 else trainer.stop_cause
     except rundir.LockHeld as err:
         print(f"config error: {err}", file=sys.stderr)
         record.refused, code, clean = True, EXIT_CONFIG, False
