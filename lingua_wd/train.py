@@ -135,6 +135,13 @@ def check_memory(args: TrainArgs, world: int) -> None:
     )
 
 
+def check_machine(args: TrainArgs, world: int) -> None:
+    """What depends on this machine rather than on the config (so not in resolve_and_check, which
+    other tools run on configs meant for elsewhere): the data paths exist, the model fits."""
+    check_sources(args.data)
+    check_memory(args, world)
+
+
 def resolve_and_check(args: TrainArgs, world: int) -> None:
     """Fill derived values (vocab size, RoPE length) and reject invalid configs before any work."""
     check_values(args)  # finite floats, 64-bit ints, typed values under mappings and lists
@@ -145,7 +152,6 @@ def resolve_and_check(args: TrainArgs, world: int) -> None:
     check(args.eval_batches >= 0, "eval_batches", f"must be >= 0, got {args.eval_batches}")
     check(bool(args.dump_dir), "dump_dir", "must be set")
     check_data_args(args.data, world)
-    check_sources(args.data)
     vocab = build_tokenizer(args.data.tokenizer).vocab_size
     if args.model.vocab_size == 0:
         args.model.vocab_size = vocab
@@ -712,7 +718,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         args = parse_args(TrainArgs, argv)
         resolve_and_check(args, world_size_from_env())
-        check_memory(args, world_size_from_env())  # here, not in resolve_and_check: it depends on this machine
+        check_machine(args, world_size_from_env())
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         if args is not None and os.environ.get("RANK", "0") == "0":
