@@ -338,6 +338,7 @@ class Trainer:
         self.recent: list[float] = []  # the last LAST_N global mean losses, for DONE
         self.deferred = False  # a checkpoint was due during a divergence streak
         self.stop_cause = ""
+        self.forced: list[str] = []  # config changes accepted by guard.force_resume
 
     def config_for_resume(self) -> dict:
         return {**to_dict(self.args), "world_size": self.env.world}
