@@ -185,15 +185,16 @@ def resolve_and_check(args: TrainArgs, world: int) -> None:
     args.name = args.name or Path(args.dump_dir).name
 
 
-def check_dump_dir(path: Path, rank: int) -> None:
-    """An unwritable or full dump dir is a clear error at start-up, not a crash at the first checkpoint."""
+def check_dump_dir(path: Path, rank: int, key: str = "dump_dir") -> None:
+    """An unwritable or full dump (or checkpoint) dir is a clear error at start-up, not a crash at
+    the first checkpoint."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-rank{rank}"  # one per rank: ranks share the directory
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
     except OSError as err:
-        raise ConfigError(f"dump_dir: cannot write to {path} ({err.strerror or err})") from None
+        raise ConfigError(f"{key}: cannot write to {path} ({err.strerror or err})") from None
 
 
 class OtherRankFailed(ConfigError):
@@ -623,6 +624,8 @@ def start(run: RunDir, args: TrainArgs, env: DistEnv) -> Optional[rundir.RunLock
     lock = None
     try:
         check_dump_dir(run.path, env.rank)
+        if args.checkpoint.dir:
+            check_dump_dir(Path(args.checkpoint.dir), env.rank, "checkpoint.dir")
         if env.is_main:
             lock = rundir.RunLock(run)
             stale = lock.acquire()

@@ -117,6 +117,9 @@ def test_unwritable_dump_dir_is_a_clear_error(tmp_path, tiny):
     proc = run_train([f"dump_dir={blocker}/run", *tiny], check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("config error: dump_dir: cannot write to")
+    proc = run_train([f"dump_dir={tmp_path}/run", f"checkpoint.dir={blocker}/ckpt", *tiny], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("config error: checkpoint.dir: cannot write to")
 
 
 KEYS = [
