@@ -152,7 +152,7 @@ VALUES = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), max_size=4))
 def test_config_fuzz_only_ends_in_clean_errors(items):
     argv = [f"{k}={v}" for k, v in items]
