@@ -13,9 +13,12 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
 import os
 import re
 import sys
+import types
+import typing
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -198,6 +201,52 @@ def dump_config(args: Any, path: str | os.PathLike) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(to_yaml(args))
     tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- value checks
+
+
+INT64 = 2**63
+
+
+def check_values(args: Any, prefix: str = "") -> None:
+    """Values a typed merge lets through but no run can use, each a one-line ConfigError naming the
+    key: a non-finite float, an int outside int64, and a value under a mapping- or list-typed field
+    (e.g. `data.sources.x.y=1`) that is not of the declared element type. Walks nested dataclasses."""
+    hints = typing.get_type_hints(type(args))
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if dataclasses.is_dataclass(value):
+            check_values(value, f"{prefix}{f.name}.")
+        else:
+            _check_value(f"{prefix}{f.name}", value, hints[f.name])
+
+
+def _check_value(key: str, value: Any, hint: Any) -> None:
+    origin, params = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in params:
+            return
+        hint = next(p for p in params if p is not type(None))
+        origin, params = typing.get_origin(hint), typing.get_args(hint)
+    if origin is dict:
+        check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        for k, v in value.items():
+            _check_value(f"{key}.{k}", v, params[1])
+    elif origin is list:
+        check(isinstance(value, list), key, f"expected a list, got {value!r}")
+        for i, v in enumerate(value):
+            _check_value(f"{key}[{i}]", v, params[0])
+    elif hint is float:
+        check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
+        check(math.isfinite(value), key, f"must be a finite number, got {value}")
+    elif hint is int:
+        check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        check(-INT64 <= value < INT64, key, f"{value} is out of range (64-bit integers)")
+    elif hint is bool:
+        check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+    elif hint is str:
+        check(isinstance(value, str), key, f"expected a string, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- generated help

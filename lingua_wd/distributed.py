@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,12 +68,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def die_with_parent() -> None:
+    """Under a launcher (torchrun, srun), ask Linux to SIGKILL this rank when its parent dies, so a
+    killed launcher leaves no orphan rank writing into the run directory (prctl PR_SET_PDEATHSIG).
+    A plain `python` launch is left alone (it may be meant to outlive its shell, e.g. under nohup)."""
+    if not ("TORCHELASTIC_RUN_ID" in os.environ or "SLURM_STEP_ID" in os.environ) or not sys.platform.startswith(
+        "linux"
+    ):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+        return
+    if os.getppid() != parent:  # the launcher died before the call: no signal will come
+        os._exit(137)
+
+
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def init_distributed(args: DistributedArgs) -> DistEnv:
     """Join (or, for a plain `python` launch, create) the process group: nccl on CUDA, gloo on CPU."""
+    die_with_parent()
     use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")

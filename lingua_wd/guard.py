@@ -33,7 +33,7 @@ EXACTNESS_KEYS = (
 @dataclass
 class GuardArgs:
     max_nonfinite: int = 10  # stop after this many skipped steps with a non-finite loss or grad norm (0 = never)
-    spike_factor: float = 2.0  # log a loss_spike event when a step's loss exceeds this x its running mean
+    spike_factor: float = 2.0  # a loss above this x its running mean is a loss_spike: an event, no checkpoint
     force_resume: bool = False  # resume even if exactness-relevant config keys changed since the checkpoint
     inject_nan_steps: list[int] = field(default_factory=list)  # testing: make the loss NaN at these steps
     crash_in_checkpoint: int = -1  # testing: die (exit 137) halfway through writing the checkpoint of this step
@@ -64,28 +64,41 @@ def inject_nan(loss: torch.Tensor, args: GuardArgs, step: int) -> torch.Tensor:
 
 
 class SpikeDetector:
-    """Flags steps whose loss exceeds spike_factor x an EMA of the previous losses (host side, at log time)."""
+    """Per step, on the host at log time: loss spikes and the divergence streak.
 
-    def __init__(self, factor: float, beta: float = 0.95, warmup: int = 20):
+    A spike is a loss above factor x an EMA of the previous healthy losses, checked from the second
+    step on (warmup=1). A step is unhealthy when it is a spike or had a non-finite loss or gradient
+    norm (checked from the first step); a run of unhealthy steps is the divergence streak
+    (`streak_start`: its first step, None when the last step was healthy). The EMA does not take in
+    unhealthy losses, so a diverged run stays in its streak instead of becoming the new normal. No
+    checkpoint is written during a streak (train.py).
+    """
+
+    def __init__(self, factor: float, beta: float = 0.95, warmup: int = 1):
         self.factor, self.beta, self.warmup = factor, beta, warmup
         self.ema: Optional[float] = None
         self.seen = 0
+        self.streak_start: Optional[int] = None
 
-    def update(self, step: int, loss: float) -> Optional[dict[str, Any]]:
-        if not math.isfinite(loss):
+    def update(self, step: int, loss: float, skipped: bool = False) -> Optional[dict[str, Any]]:
+        """Take one step's global loss; returns a loss_spike event record for a spike."""
+        if skipped or not math.isfinite(loss):
+            self.streak_start = step if self.streak_start is None else self.streak_start
             return None
-        event = None
         if self.ema is not None and self.seen >= self.warmup and loss > self.factor * self.ema:
-            event = {"step": step, "event": "loss_spike", "loss": loss, "running_mean": self.ema}
+            self.streak_start = step if self.streak_start is None else self.streak_start
+            return {"step": step, "event": "loss_spike", "loss": loss, "running_mean": self.ema}
+        self.streak_start = None
         self.ema = loss if self.ema is None else self.beta * self.ema + (1 - self.beta) * loss
         self.seen += 1
-        return event
+        return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": self.ema, "seen": self.seen}
+        return {"ema": self.ema, "seen": self.seen, "streak_start": self.streak_start}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ema, self.seen = state["ema"], state["seen"]
+        self.streak_start = state.get("streak_start")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -24,6 +24,9 @@ log = logging.getLogger("lingua_wd")
 # dense bf16 peak FLOP/s by device-name fragment (first match wins)
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 WANDB_MODES = ("disabled", "offline", "online")
+# metrics.jsonl fields that measure the wall clock or the process, not the training: the only ones a
+# resumed run may log differently from an uninterrupted one (tests/test_reliability.py compares the rest)
+WALL_CLOCK_KEYS = ("tokens_per_s", "mfu", "peak_mem_gb")
 
 
 @dataclass
@@ -57,8 +60,10 @@ class MetricLogger:
     """Rank 0 writes metrics.jsonl (appending, so a resumed run continues the file) and wandb."""
 
     def __init__(self, dump_dir: Path, args: LoggingArgs, config: dict, run_name: str, enabled: bool):
+        from lingua_wd.rundir import RunDir
+
         self.enabled = enabled
-        self.path = dump_dir / "metrics.jsonl"
+        self.path = RunDir(dump_dir).metrics
         self.wandb = None
         if enabled and args.wandb_mode != "disabled":
             import wandb
@@ -74,6 +79,28 @@ class MetricLogger:
                 id=run_name.replace("/", "_"),
                 resume="allow",
             )
+
+    def size(self) -> int:
+        """Bytes written so far (saved in each checkpoint: a resumed run continues the file from there)."""
+        try:
+            return self.path.stat().st_size if self.enabled else 0
+        except FileNotFoundError:
+            return 0
+
+    def truncate_to(self, size: int) -> None:
+        """On resume: drop everything written after the checkpoint (lines, events, a torn last line),
+        so the resumed run's lines follow exactly; 0 on a start without a checkpoint."""
+        if not (self.enabled and self.path.exists()):
+            return
+        have = self.path.stat().st_size
+        if have < size:
+            log.warning(
+                "metrics: %s is shorter (%d bytes) than at the checkpoint (%d): kept as it is", self.path, have, size
+            )
+            return
+        if have > size:
+            with open(self.path, "r+b") as f:
+                f.truncate(size)
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop records past the checkpoint's step (they will be logged again)."""

@@ -53,6 +53,7 @@ def check_model_args(args: ModelArgs) -> None:
     check(args.ffn_mult > 0, "model.ffn_mult", f"must be positive, got {args.ffn_mult}")
     check(args.vocab_size >= 0, "model.vocab_size", f"must be >= 0, got {args.vocab_size}")
     check(args.norm_eps > 0, "model.norm_eps", f"must be positive, got {args.norm_eps}")
+    check(args.rope_theta > 0, "model.rope_theta", f"must be positive, got {args.rope_theta}")
     if args.n_kv_heads is not None:
         check(
             args.n_kv_heads > 0 and args.n_heads % args.n_kv_heads == 0,

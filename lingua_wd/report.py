@@ -23,7 +23,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from lingua_wd.args import check, parse_args, run_cli
-from lingua_wd.rundir import read_metrics
+from lingua_wd.rundir import RunDir, read_metrics
 from lingua_wd.sweep import ReportArgs, load_manifest, run_state
 
 METRICS = {"train": "final train loss (mean of last {n} steps)", "val": "final validation loss"}
@@ -94,7 +94,7 @@ def gather(sweep_dir: str | os.PathLike, args: ReportArgs) -> tuple[dict, list[R
     results = []
     for run in manifest["runs"]:
         dump = sweep_dir / run["dump_dir"]
-        records = read_metrics(dump / "metrics.jsonl")
+        records = RunDir(dump).read_metrics()
         train, last = final_train_loss(records, args.last_n)
         losses = [r[k] for r in records for k in ("loss", "val/loss") if isinstance(r.get(k), (int, float))]
         diverged = any(not math.isfinite(v) for v in losses)

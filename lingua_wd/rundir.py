@@ -12,15 +12,25 @@ run's state is, instead of naming files itself.
   train.log          the launcher's copy of the trainer's console (sweeps)
   EXIT.json          the last exit of the trainer: code, cause, step, host, pid, time
   DONE               written once, at the end of a finished run: final step, losses
+  LOCK               the live trainer's host, pid and start time (one writer per run directory)
 ```
+
+The lock: rank 0 of a trainer creates `LOCK` before writing anything and deletes it at exit; a
+daemon thread refreshes its mtime every HEARTBEAT_S seconds. A second trainer finds it and exits
+with one line naming the holder. A lock whose holder is dead is taken over with a warning: on the
+same host when its pid is gone (or is another process now, by its start time in /proc), after a
+reboot, when it was left by an earlier incarnation of the same SLURM job (a requeue), and on
+another host when its heartbeat is older than STALE_S.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +41,20 @@ EXIT_OK = 0
 EXIT_CONFIG = 2  # a bad config or data path: fix it, a retry gives the same answer
 EXIT_DIVERGED = 3  # too many non-finite steps: stopped, nothing saved from the diverged weights
 EXIT_CHECKPOINT = 4  # a checkpoint could not be written (disk full, I/O error)
+EXIT_NO_CHECKPOINT = 5  # checkpoints exist but none is loadable (corrupt, unreadable): delete them to start over
 EXIT_REQUEUE = 75  # stopped by a signal after saving a checkpoint: requeue and resume (EX_TEMPFAIL)
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: exited at once, nothing saved (128 + SIGINT, as a shell reports it)
 EXIT_CAUSES = {
     EXIT_OK: "finished",
     EXIT_CONFIG: "config error",
     EXIT_DIVERGED: "diverged",
     EXIT_CHECKPOINT: "checkpoint write failed",
+    EXIT_NO_CHECKPOINT: "no loadable checkpoint",
     EXIT_REQUEUE: "stopped by a signal, checkpoint saved",
+    EXIT_INTERRUPTED: "interrupted twice, nothing saved",
 }
+HEARTBEAT_S = 30.0  # the lock holder refreshes the lock's mtime this often
+STALE_S = 600.0  # a lock of another host not refreshed for this long is stale (its holder is gone)
 
 
 def exit_cause(code: int) -> str:
@@ -78,6 +94,10 @@ class RunDir:
     exit_file = _entry("EXIT.json")
     done = _entry("DONE")
 
+    @property
+    def lock_file(self) -> Path:
+        return self.path / "LOCK"
+
     def is_done(self) -> bool:
         return self.done.is_file()
 
@@ -104,6 +124,141 @@ class RunDir:
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.metrics)
+
+    def lock_holder(self) -> Optional[dict[str, Any]]:
+        """The LOCK record (host, pid, start time, ...) if a lock file exists, live or stale."""
+        return _read_json(self.lock_file)
+
+    def state(self) -> str:
+        """done (DONE) | running (a live lock) | resume (a checkpoint with a manifest) | started
+        (metrics, no checkpoint) | new."""
+        if self.is_done():
+            return "done"
+        holder = self.lock_holder()
+        if holder is not None and holder_alive(holder):
+            return "running"
+        ckpts = self.checkpoints
+        try:
+            if any((p / "MANIFEST.json").is_file() for p in ckpts.iterdir() if p.name.isdigit()):
+                return "resume"
+        except OSError:
+            pass
+        return "started" if self.metrics.is_file() else "new"
+
+
+class LockHeld(RuntimeError):
+    """Another live trainer holds the run directory; the message is one line naming it."""
+
+
+def _proc_start(pid: int) -> Optional[int]:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _me() -> dict[str, Any]:
+    now = time.time()
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "start_time": now,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
+        "proc_start": _proc_start(os.getpid()),
+        "boot_id": _boot_id(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+        "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+    }
+
+
+def holder_alive(holder: dict[str, Any], mtime: Optional[float] = None) -> bool:
+    """Whether the process that wrote a LOCK record may still be running (see the module doc)."""
+    me = _me()
+    if holder.get("host") == me["host"] and holder.get("boot_id", "") == me["boot_id"]:
+        start = _proc_start(int(holder.get("pid", -1)))
+        return start is not None and start == holder.get("proc_start", start)
+    if holder.get("host") == me["host"]:
+        return False  # the host rebooted since
+    job = holder.get("slurm_job_id")
+    if job and job == me["slurm_job_id"] and holder.get("slurm_restart_count", 0) < me["slurm_restart_count"]:
+        return False  # an earlier incarnation of this requeued job
+    beat = mtime if mtime is not None else holder.get("heartbeat", holder.get("start_time", 0))
+    return time.time() - beat < STALE_S
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    return f"pid {holder.get('pid')} on {holder.get('host')} (started {holder.get('started', '?')})"
+
+
+class RunLock:
+    """One writer per run directory: `acquire()` at start (rank 0), `release()` at exit."""
+
+    def __init__(self, run: RunDir):
+        self.run, self.record = run, _me()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def acquire(self) -> Optional[dict[str, Any]]:
+        """Take the lock; returns the stale holder it replaced (None if there was none).
+        Raises LockHeld if a live trainer holds it. The check and the write happen under flock of
+        the directory, so two trainers starting together cannot both win."""
+        self.run.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run.path, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # a filesystem without flock: the check below still catches all but a near tie
+                pass
+            holder = self.run.lock_holder()
+            if holder is not None and not self._is_me(holder):
+                try:
+                    mtime = self.run.lock_file.stat().st_mtime
+                except OSError:
+                    mtime = None
+                if holder_alive(holder, mtime):
+                    raise LockHeld(
+                        f"dump_dir: {self.run.path} is in use by the trainer {describe_holder(holder)} "
+                        f"(its {self.run.lock_file.name}); stop it first, or use another dump_dir"
+                    )
+            _atomic_write(self.run.lock_file, json.dumps({**self.record, "heartbeat": time.time()}))
+        finally:
+            os.close(fd)  # closing releases the flock
+        self._thread = threading.Thread(target=self._beat, name="lock-heartbeat", daemon=True)
+        self._thread.start()
+        return None if holder is None or self._is_me(holder) else holder
+
+    def _is_me(self, holder: dict[str, Any]) -> bool:
+        keys = ("host", "pid", "proc_start", "boot_id")
+        return all(holder.get(k) == self.record[k] for k in keys)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.run.lock_file)
+            except OSError:
+                pass
+
+    def held(self) -> bool:
+        """Whether the lock file still names this process (another trainer may have taken it over)."""
+        holder = self.run.lock_holder()
+        return holder is not None and self._is_me(holder)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self.held():
+            try:
+                self.run.lock_file.unlink()
+            except OSError:
+                pass
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

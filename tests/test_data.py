@@ -221,7 +221,8 @@ def test_lanes_without_usable_documents_are_skipped_and_resume_exactly(tmp_path,
             loader = TrainLoader(args, TOK, 0, 1)
             rows = torch.cat(take(loader, 3))
         assert ids_in(rows) == {"<a00000>", "<a00001>", "<a00002>"}
-        assert "has no usable document in lane 3's share" in caplog.text
+        loader.flush_warnings()
+        assert "tiny.jsonl has no usable document in the share of 5 lanes so far (3, 4, 5, 6, 7)" in caplog.text
         state = json.loads(json.dumps(loader.state_dict()))
         assert sorted(int(k) for k, st in state["lane_states"].items() if st.get("dry")) == [3, 4, 5, 6, 7]
         expected = take(loader, 5)
@@ -465,14 +466,15 @@ def test_hf_datasets_streaming_source_is_split_and_resumes_exactly(tmp_path):
 
 def test_val_batches_are_a_fixed_set_split_over_ranks(corpus):
     args = args_for(corpus, {"a": 1.0}, val_sources="a/part_05.jsonl")
-    one = val_batches(args, TOK, 0, 1, 4)
-    assert len(one) == 4 and one[0].shape == (2, 65)
+    one = val_batches(args, TOK, 0, 1, 4)  # 4 global batches of 8 sequences: 16 micro-batches of 2
+    assert len(one) == 16 and one[0].shape == (2, 65)
     assert all(torch.equal(a, b) for a, b in zip(one, val_batches(args, TOK, 0, 1, 4), strict=True))
-    two = [val_batches(args, TOK, r, 2, 2) for r in range(2)]
+    two = [val_batches(args, TOK, r, 2, 4) for r in range(2)]
+    assert [len(b) for b in two] == [8, 8]
     key = lambda t: t.numpy().tobytes()  # noqa: E731
     assert sorted(key(r) for b in one for r in b) == sorted(key(r) for bs in two for b in bs for r in b)
     few = val_batches(args, TOK, 0, 1, 10_000)
-    assert 4 < len(few) < 10_000
+    assert 16 < len(few) < 10_000 * 4 and len(few) % 4 == 0  # whole global batches only
 
 
 def test_default_config_trains_on_the_bundled_corpus():
@@ -482,7 +484,7 @@ def test_default_config_trains_on_the_bundled_corpus():
     batch = loader.next_batch()
     assert batch.shape == (16, 257)
     assert "def " in TOK.decode(torch.cat(take(loader, 4)).flatten().tolist())
-    assert len(val_batches(args, TOK, 0, 1, 2)) == 2
+    assert len(val_batches(args, TOK, 0, 1, 2)) == 2 * 16 // 4  # 2 global batches of 16 in micro-batches of 4
 
 
 def test_lines_longer_than_a_read_block(tmp_path, monkeypatch):

@@ -26,13 +26,32 @@ _EXPORTS = {
     "build_tokenizer": "lingua_wd.data.tokenizers",
     "ensure_stdlib_corpus": "lingua_wd.data.corpus",
 }
-__all__ = sorted(_EXPORTS) + ["prepare_data"]
+__all__ = sorted(_EXPORTS) + ["prepare_data", "check_sources"]
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _bundled(name: str) -> bool:
+    return Path(name).parts[:1] == ("stdlib",)
+
+
+def check_sources(args: DataArgs) -> None:
+    """Every source and val source outside the bundled corpus (built later, by prepare_data) and not
+    on the HF hub resolves to files: a ConfigError naming the key otherwise. Builds nothing; part of
+    the config check, so a missing path stops the run before any work."""
+    from lingua_wd.data.loader import active_sources, source_path
+    from lingua_wd.data.sources import HF_PREFIX, resolve_files
+
+    for name in active_sources(args):
+        if not (name.startswith(HF_PREFIX) or _bundled(name)):
+            resolve_files(source_path(args, name), f"data.sources.{name}")
+    val = args.val_sources
+    if val and not (val.startswith(HF_PREFIX) or _bundled(val)):
+        resolve_files(source_path(args, val), "data.val_sources")
 
 
 def prepare_data(args: DataArgs) -> None:

@@ -16,6 +16,7 @@ import fcntl
 import logging
 import os
 import pickle
+import re
 import subprocess
 import sys
 import weakref
@@ -37,6 +38,41 @@ STATE_VERSION = 1
 BUNDLED = "stdlib/train"  # the bundled corpus (corpus.py), the default source
 MSG_TOKENS = 1 << 16  # tokens per worker message (256 KB)
 PIPE_BYTES = 1 << 20  # pipe capacity per worker: the prefetch depth
+MAX_LANES = 1 << 16
+MAX_SHUFFLE = 1 << 16  # a lane's shuffle buffer holds this many documents in memory
+DRY_SOURCE = re.compile(r"^data: source (.+) has no usable document in lane (\d+)'s share")
+
+
+class _Warnings:
+    """Data warnings for the log. "Source X has no usable document in lane N" (one per lane and
+    source, so up to data.lanes of them, found over many batches) are counted instead, and `flush()`
+    (the trainer calls it at each log line, the loader at close) says each source's count so far in
+    one line, when it changed."""
+
+    def __init__(self):
+        self.dry: dict[str, set[int]] = {}
+        self.told: dict[str, int] = {}
+
+    def add(self, text: str) -> None:
+        m = DRY_SOURCE.match(text)
+        if m:
+            self.dry.setdefault(m.group(1), set()).add(int(m.group(2)))
+        else:
+            log.warning(text)
+
+    def flush(self) -> None:
+        for name, lanes in sorted(self.dry.items()):
+            if self.told.get(name) == len(lanes):
+                continue
+            self.told[name] = len(lanes)
+            shown = ", ".join(map(str, sorted(lanes)[:8])) + (", ..." if len(lanes) > 8 else "")
+            log.warning(
+                "data: source %s has no usable document in the share of %d lane%s so far (%s); they go on without it",
+                *(name, len(lanes), "s" if len(lanes) > 1 else "", shown),
+            )
+
+
+WARNINGS = _Warnings()
 
 
 @dataclass
@@ -68,7 +104,13 @@ def check_data_args(args: DataArgs, world_size: int) -> None:
         check(w >= 0, f"data.sources.{name}", f"weight must be >= 0 (0 = off), got {w}")
     check(not args.sources or any(args.sources.values()), "data.sources", "every weight is 0")
     check(args.lanes >= world_size, "data.lanes", f"must be >= the number of ranks ({world_size}), got {args.lanes}")
-    check(args.shuffle_docs >= 1, "data.shuffle_docs", f"must be >= 1, got {args.shuffle_docs}")
+    check(args.lanes <= MAX_LANES, "data.lanes", f"must be <= {MAX_LANES}, got {args.lanes}")
+    check(
+        1 <= args.shuffle_docs <= MAX_SHUFFLE,
+        "data.shuffle_docs",
+        f"must be between 1 and {MAX_SHUFFLE} (documents held in memory per lane), got {args.shuffle_docs}",
+    )
+    check(0 <= args.seed < 2**32, "data.seed", f"must be in [0, 2**32), got {args.seed}")
     check(args.workers >= 0, "data.workers", f"must be >= 0, got {args.workers}")
     check(
         args.tokenizer.name in TOKENIZERS,
@@ -126,7 +168,7 @@ class _InProcess:
         except LaneDry:
             window = None
         for text in ln.pop_warnings():
-            log.warning(text)
+            WARNINGS.add(text)
         return window, ln.state()
 
     def close(self) -> None:
@@ -201,7 +243,7 @@ class _Workers:
             raise RuntimeError(f"data worker {w} failed:\n{msg[2]}")
         _, lane, windows, states, warnings, dry = msg
         for text in warnings:
-            log.warning(text)
+            WARNINGS.add(text)
         if windows is not None:
             self.buf[lane].extend(zip(windows, states, strict=True))
         if dry is not None:
@@ -237,6 +279,7 @@ class TrainLoader:
         rows, states, cursor = [], {}, self.cursor
         while len(rows) < self.local_batch:
             if len(self.dry) == len(self.lanes):
+                WARNINGS.flush()
                 raise ConfigError(
                     f"data.sources: rank {self.rank}'s lanes {self.lanes[:4]}... found no usable document in a full "
                     "pass over their share of the data (empty or unreadable sources?)"
@@ -312,7 +355,11 @@ class TrainLoader:
         self.lane_states = {lane: merged[lane] for lane in self.lanes}
         self.cursor = states[self.rank]["cursor"] if same else 0
 
+    def flush_warnings(self) -> None:
+        WARNINGS.flush()
+
     def close(self) -> None:
+        WARNINGS.flush()
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -330,13 +377,17 @@ def _val_docs(args: DataArgs) -> Iterator[str]:
 
 
 def val_batches(args: DataArgs, tokenizer, rank: int, world: int, n_batches: int) -> list[torch.Tensor]:
-    """A fixed held-out set: the val documents in file order, packed into windows; window j goes to
-    rank j % world, so the set is the first n_batches x micro_batch_size x world windows whatever
-    the split. Every rank gets the same number of micro-batches (fewer if the val data runs out)."""
+    """This rank's share of the validation set, in micro-batches.
+
+    The set is a fixed list of sequences: the val documents in file order, packed into windows, the
+    first n_batches x data.batch_size of them (eval_batches global batches), whatever the number of
+    ranks. Window j goes to rank j % world; batch_size is a multiple of micro_batch_size x world, so
+    every rank gets the same number of whole micro-batches and the mean over ranks of each rank's
+    mean is the mean over the set: the val loss does not depend on the rank count (to float
+    rounding). If the val data runs out, fewer whole global batches are used (with a warning)."""
     if not args.val_sources or n_batches <= 0:
         return []
-    mb, window = args.micro_batch_size, args.seq_len + 1
-    need = n_batches * mb * world
+    mb, window, need = args.micro_batch_size, args.seq_len + 1, n_batches * args.batch_size
     windows: list[np.ndarray] = []
     pending, have = [], 0
     for text in _val_docs(args):
@@ -353,8 +404,13 @@ def val_batches(args: DataArgs, tokenizer, rank: int, world: int, n_batches: int
             pending, have = [flat[k * window :]], len(flat) - k * window
         if len(windows) >= need:
             break
-    n = len(windows) // (mb * world)
+    n = len(windows) // args.batch_size
     if n < n_batches:
-        log.warning("data: val_sources hold %d micro-batches per rank, %d asked", n, n_batches)
-    mine = windows[rank::world][: n * mb]
-    return [torch.from_numpy(np.stack(mine[i * mb : (i + 1) * mb])).long() for i in range(n)]
+        log.warning(
+            "data: val_sources hold %d of the %d batches of %d sequences asked (eval_batches)",
+            n,
+            n_batches,
+            args.batch_size,
+        )
+    mine = windows[: n * args.batch_size][rank::world]
+    return [torch.from_numpy(np.stack(mine[i * mb : (i + 1) * mb])).long() for i in range(len(mine) // mb)]
