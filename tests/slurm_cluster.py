@@ -4,7 +4,7 @@ munged with its own key and socket, slurmctld, and two slurmd as two nodes (lwd1
 127.0.0.3, each on its own port, both on this host's hostname), every file under one directory. The nodes
 have 4 CPUs and 2 fake GPUs each (gres files that are links to /dev/null), so GPU templates are accepted.
 Settings that keep the tests quick: requeued jobs wait 6 s, not 2 min (`cred_expire=5`), the scheduler runs
-every 2 s, KillWait is 15 s. The `debug` partition (default) can be preempted with a 30 s grace time
+every 2 s, KillWait is 15 s; slurmctld logs at debug2, so a test can see when it checks time limits. The `debug` partition (default) can be preempted with a 30 s grace time
 (PreemptMode=REQUEUE) by jobs of the `urgent` partition.
 
     python tests/slurm_cluster.py up /tmp/lwd-slurm     # then: export SLURM_CONF=/tmp/lwd-slurm/slurm.conf
@@ -15,6 +15,7 @@ Needs Debian's `slurm-wlm` and `munge` (apt-get install slurm-wlm munge) and roo
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -95,7 +96,7 @@ SlurmctldPidFile={r}/slurmctld.pid
 SlurmdPidFile={r}/slurmd.%n.pid
 SlurmctldLogFile={r}/log/slurmctld.log
 SlurmdLogFile={r}/log/slurmd.%n.log
-SlurmctldDebug=info
+SlurmctldDebug=debug2
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -192,6 +193,19 @@ PartitionName=urgent Nodes={",".join(NODES)} MaxTime=INFINITE State=UP PriorityT
         path = self.root / "log" / "jobcomp.txt"
         lines = path.read_text().splitlines() if path.is_file() else []
         return [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in lines]
+
+    def log(self, daemon: str) -> str:
+        return (self.root / "log" / f"{daemon}.log").read_text(errors="replace")
+
+    def next_time_limit_check(self) -> Optional[float]:
+        """When slurmctld next checks time limits and sends --signal warnings (every 30 s: PERIODIC_TIMEOUT),
+        from the last check in its log (SlurmctldDebug=debug2); None before the first."""
+        text = self.log("slurmctld")
+        at = text.rfind("Testing job time limits")
+        if at < 0:
+            return None
+        stamp = text[text.rfind("[", 0, at) + 1 : text.rfind("]", 0, at)]
+        return datetime.datetime.fromisoformat(stamp).timestamp() + 30
 
     @staticmethod
     def wait(pred: Callable[[], object], timeout: float, what: str, every: float = 0.5) -> object:

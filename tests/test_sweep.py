@@ -480,7 +480,7 @@ def test_array_script_index_exit_codes_and_records(
     monkeypatch.setenv("FAKE_EXIT", "75")
     proc = subprocess.run(["bash", str(path)], env=task_env(bin_, 0), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "requeueing 4242_0" in proc.stdout
-    assert "scontrol requeue 5000" in log.read_text()
+    assert "scontrol requeue 4242_0" in log.read_text()  # the task, never the array's job id
     proc = subprocess.run(["bash", str(path)], env=task_env(bin_, 0, restart=20), capture_output=True, text=True)
     assert proc.returncode == 75 and "not requeued (slurm.max_requeues)" in proc.stderr
     assert log.read_text().count("scontrol requeue") == 1
