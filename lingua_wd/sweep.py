@@ -688,14 +688,19 @@ def _parse_sacct(lines: list[str]) -> dict[str, str]:
     return out
 
 
+JOBCOMP_TAIL = 32 << 20  # bytes of the jobcomp log read
+
+
 def _jobcomp_states() -> dict[str, str]:
     """Array task -> JobState of its last record in the jobcomp/filetxt log, if the cluster keeps a readable one."""
     config = _slurm_lines(["scontrol", "show", "config"]) or []
     conf = {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in config)}
     if conf.get("JobCompType") != "jobcomp/filetxt":
         return {}
-    try:
-        text = Path(conf.get("JobCompLoc", "")).read_text(errors="replace")
+    try:  # the log of every job of the cluster: its tail is enough for a sweep's recent jobs
+        with open(conf.get("JobCompLoc", ""), "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - JOBCOMP_TAIL))
+            text = f.read().decode(errors="replace")
     except OSError:
         return {}
     out = {}

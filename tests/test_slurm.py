@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -78,7 +77,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     except (RuntimeError, TimeoutError) as err:
         c.stop()
         pytest.fail(f"the test cluster did not start: {err}")
-    yield c
+    with pytest.MonkeyPatch.context() as mp:  # the sweep module's own squeue calls go to this cluster
+        mp.setenv("SLURM_CONF", c.env["SLURM_CONF"])
+        yield c
     c.stop()
 
 
@@ -150,13 +151,7 @@ class Sweep:
         return last_loss(self.run(name).read_metrics())[0]
 
     def states(self) -> dict[str, str]:
-        env = os.environ.copy()
-        try:
-            os.environ["SLURM_CONF"] = self.cluster.env["SLURM_CONF"]
-            return sw.run_states(self.dir, sw.load_manifest(self.dir))
-        finally:
-            os.environ.clear()
-            os.environ.update(env)
+        return sw.run_states(self.dir, sw.load_manifest(self.dir))
 
     def wait_states(self, want: dict[str, str], timeout: float = TIMEOUT) -> dict[str, str]:
         def ok() -> bool:

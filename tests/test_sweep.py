@@ -51,6 +51,9 @@ stop = []
 signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
 signal.signal(signal.SIGUSR1, lambda *a: stop.append(1))
 (d / "started").write_text(str(os.getpid()))
+if os.environ.get("FAKE_EXIT", "").startswith("-"):  # killed by a signal, e.g. before any handler is set
+    signal.signal(-int(os.environ["FAKE_EXIT"]), signal.SIG_DFL)
+    os.kill(os.getpid(), -int(os.environ["FAKE_EXIT"]))
 if os.environ.get("FAKE_EXIT"):
     sys.exit(int(os.environ["FAKE_EXIT"]))
 def save(step):
@@ -484,6 +487,11 @@ def test_array_script_index_exit_codes_and_records(
     proc = subprocess.run(["bash", str(path)], env=task_env(bin_, 0, restart=20), capture_output=True, text=True)
     assert proc.returncode == 75 and "not requeued (slurm.max_requeues)" in proc.stderr
     assert log.read_text().count("scontrol requeue") == 1
+    # a SIGUSR1 before the trainer set its handler (128 + 10): requeued, it resumes from the last checkpoint
+    monkeypatch.setenv("FAKE_EXIT", "-10")
+    proc = subprocess.run(["bash", str(path)], env=task_env(bin_, 0), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "stopped by a signal before it could save (exit 138): requeueing" in proc.stdout
+    assert log.read_text().count("scontrol requeue") == 2
 
 
 def test_cli_dry_run_writes_nothing_and_slurm_settings_are_remembered(tmp_path: Path, capsys, monkeypatch):
