@@ -253,21 +253,19 @@ def _with_saved_settings(args: SweepArgs, path: Path, overrides: list[str]) -> S
     saved_path = sweep_dir_of(args) / "sweep.yaml"
     if not saved_path.is_file():
         return args
-    saved = OmegaConf.load(saved_path)
     explicit = set(_leaf_keys(OmegaConf.load(path))) | {o.split("=", 1)[0] for o in overrides}
     cfg = OmegaConf.structured(args)
-    for key in _leaf_keys(saved):
-        top = key.split(".", 1)[0]
-        set_here = any(key == e or key.startswith(e + ".") or e.startswith(key + ".") for e in explicit)
-        if top in REMEMBERED and not set_here and OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING:
-            OmegaConf.update(cfg, key, OmegaConf.select(saved, key), merge=False)
+    missing = object()
     try:
+        saved = OmegaConf.load(saved_path)
+        for key in _leaf_keys(saved):
+            set_here = any(key == e or key.startswith(e + ".") or e.startswith(key + ".") for e in explicit)
+            known = OmegaConf.select(cfg, key, default=missing) is not missing  # e.g. not a key of an older version
+            if key.split(".", 1)[0] in REMEMBERED and known and not set_here:
+                OmegaConf.update(cfg, key, OmegaConf.select(saved, key), merge=False)
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
-    except Exception as err:  # a saved value the current SweepArgs refuses: name it
+    except Exception as err:  # a saved value the current SweepArgs refuses: name the file
         raise ConfigError(f"{saved_path}: {str(err).splitlines()[0]}") from None
-
-
-_MISSING = object()
 
 
 def base_config(args: SweepArgs, sweep_file: str | os.PathLike | None) -> DictConfig:

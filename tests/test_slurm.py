@@ -32,7 +32,7 @@ from lingua_wd.rundir import RunDir, last_loss
 
 TIMEOUT = 360  # s for any one scenario to reach its end on a loaded 2-core machine
 TINY = {
-    "steps": 240, "log_freq": 1, "eval_freq": 0, "eval_batches": 1, "data.seq_len": 32, "data.batch_size": 8,
+    "steps": 400, "log_freq": 1, "eval_freq": 0, "eval_batches": 1, "data.seq_len": 32, "data.batch_size": 8,
     "data.micro_batch_size": 4, "model.dim": 64, "model.head_dim": 32, "checkpoint.every": 50,
     "logging.wandb_mode": "disabled", "optim.lr": 3.0e-3,
 }  # fmt: skip
@@ -249,9 +249,9 @@ def scenarios(cluster: slurm_cluster.Cluster, tmp_path_factory: pytest.TempPathF
     driver = Driver(watch=running_per_array)
     scen = Scenarios(cluster, driver, acts, four, bad, two, refs)
 
-    def near_tick() -> bool:  # slurmctld checks time limits (and sends warnings) within 2.5 s
+    def near_tick() -> bool:  # slurmctld checks time limits (and sends warnings) within 4 s
         tick = cluster.next_time_limit_check()
-        return tick is not None and 0 < tick - time.time() < 2.5
+        return tick is not None and 0.5 < tick - time.time() < 4
 
     def job_of(name: str) -> dict[str, str]:
         return cluster.job(acts.task(name))
@@ -347,14 +347,18 @@ def test_scontrol_requeue_resumes_exactly(scenarios: Scenarios):
 @pytest.mark.slurm
 def test_time_limit_saves_requeues_and_resumes_exactly(scenarios: Scenarios):
     cut = scenarios.driver.done("time_limit")
+    acts = scenarios.acts
+    acts.wait_states({"k2": "done"})
+    log = scenarios.cluster.log("slurmctld").splitlines()
+    warned = [line for line in log if "warning signal 10 to" in line]
+    ticks = [line[1:24] for line in log if "Testing job time limits" in line]
+    cut_at = datetime.datetime.fromtimestamp(cut).isoformat(timespec="milliseconds")
+    assert any(f"JobId={acts.task('k2')}(" in line for line in warned), (cut_at, ticks[-6:], warned)  # --signal=USR1@30
     assert_resumed_exactly(scenarios, "k2", "saved a checkpoint (exit 75): requeueing")
     scenarios.driver.done("time_limit_reset")
-    acts = scenarios.acts
     assert "received signal 10" in acts.run("k2").train_log.read_text()  # SIGUSR1, to the rank itself
-    warned = [line for line in scenarios.cluster.log("slurmctld").splitlines() if "warning signal 10 to" in line]
-    assert any(f"JobId={acts.task('k2')}(" in line for line in warned), warned  # SLURM's --signal=USR1@30
-    log = acts.task_log("k2")
-    stamp = log[: log.index(" k2 saved a checkpoint (exit 75)")].rsplit("[sweep] ", 1)[1]
+    text = acts.task_log("k2")
+    stamp = text[: text.index(" k2 saved a checkpoint (exit 75)")].rsplit("[sweep] ", 1)[1]
     assert 0 < datetime.datetime.fromisoformat(stamp).timestamp() - cut < 40  # at slurmctld's next check
 
 
