@@ -1,12 +1,14 @@
 """Process group, device, FSDP2 sharding, mixed precision, per-block compile, activation checkpointing.
 
-The same code path runs as `python apps/train.py` (a one-rank process group) and under torchrun.
+The same code path runs as `python apps/train.py` (a one-rank process group), under torchrun, and
+as the tasks of an `srun` step (one task per rank: the rank layout comes from SLURM's variables).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import socket
 import sys
 from dataclasses import dataclass
@@ -87,16 +89,45 @@ def die_with_parent() -> None:
         os._exit(137)
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: `gpu[07-09,12],cpu1` -> `gpu07`."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if m is None:
+        return nodelist
+    first = re.split(r"[,-]", m.group(2))[0] if m.group(2) else ""
+    return m.group(1) + first
+
+
+def env_from_slurm(environ: os._Environ | dict = os.environ) -> None:
+    """Under `srun` without torchrun (one task per rank) set RANK, WORLD_SIZE, LOCAL_RANK and the
+    rendezvous from SLURM's task variables. Only inside a job step (SLURM_STEP_ID): a batch script
+    also has SLURM_PROCID=0 but is no rank. A step of one task is a plain launch; a launcher's own
+    RANK (torchrun inside srun) wins. MASTER_ADDR defaults to the step's first node, MASTER_PORT to
+    one derived from the job id (the same on every node, and again after a requeue)."""
+    e = environ
+    if "RANK" in e or "SLURM_STEP_ID" not in e or "SLURM_PROCID" not in e:
+        return
+    world = int(e.get("SLURM_STEP_NUM_TASKS") or e.get("SLURM_NTASKS") or 1)
+    if world == 1:
+        return
+    e.update(RANK=e["SLURM_PROCID"], WORLD_SIZE=str(world), LOCAL_RANK=e.get("SLURM_LOCALID", "0"))
+    e.setdefault("MASTER_ADDR", first_host(e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST", "")))
+    e.setdefault("MASTER_PORT", str(20000 + int(e.get("SLURM_JOB_ID", "0")) % 20000))
+
+
 def world_size_from_env() -> int:
+    env_from_slurm()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def init_distributed(args: DistributedArgs) -> DistEnv:
     """Join (or, for a plain `python` launch, create) the process group: nccl on CUDA, gloo on CPU."""
+    env_from_slurm()
     die_with_parent()
     use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    # a cluster may bind one GPU per task (it then sees only cuda:0) or show each task all of the node's
+    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -13,6 +13,7 @@ run's state is, instead of naming files itself.
   EXIT.json          the last exit of the trainer: code, cause, step, host, pid, time
   DONE               written once, at the end of a finished run: final step, losses
   LOCK               the live trainer's host, pid and start time (one writer per run directory)
+  CANCELLED          a launcher's record that the user cancelled the run (`scancel`): do not restart it
 ```
 
 The lock: rank 0 of a trainer creates `LOCK` before writing anything and deletes it at exit; a
@@ -21,15 +22,20 @@ with one line naming the holder. A lock whose holder is dead is taken over with 
 same host when its pid is gone (or is another process now, by its start time in /proc), after a
 reboot, when it was left by an earlier incarnation of the same SLURM job (a requeue), and on
 another host when its heartbeat is older than STALE_S.
+
+`python -m lingua_wd.rundir done|exit|cancel RUN_DIR ...` gives shell launchers (slurm/array.sbatch)
+the same records without naming files (`--help`).
 """
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import math
 import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -93,10 +99,8 @@ class RunDir:
     train_log = _entry("train.log")
     exit_file = _entry("EXIT.json")
     done = _entry("DONE")
-
-    @property
-    def lock_file(self) -> Path:
-        return self.path / "LOCK"
+    cancelled = _entry("CANCELLED")
+    lock_file = _entry("LOCK")
 
     def is_done(self) -> bool:
         return self.done.is_file()
@@ -121,6 +125,24 @@ class RunDir:
 
     def read_exit(self) -> Optional[dict[str, Any]]:
         return _read_json(self.exit_file)
+
+    def record_exit(self, code: int, since: float, cause: str = "") -> None:
+        """A launcher's fallback: record `code` unless the trainer recorded an exit at or after `since`
+        (epoch s it was started at), e.g. when it was killed or never got to start."""
+        rec = self.read_exit()
+        if rec is None or float(rec.get("time", 0)) < since:
+            self.write_exit(code, last_loss(self.read_metrics())[0], cause)
+
+    def write_cancelled(self, job: str, reason: str = "") -> None:
+        """A launcher saw the user cancel the run (its job): sweeps leave it alone until asked."""
+        record = {"job": job, "reason": reason, "host": socket.gethostname(), "time": time.time()}
+        _atomic_write(self.cancelled, json.dumps(record))
+
+    def read_cancelled(self) -> Optional[dict[str, Any]]:
+        return _read_json(self.cancelled)
+
+    def clear_cancelled(self) -> None:
+        self.cancelled.unlink(missing_ok=True)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.metrics)
@@ -299,3 +321,32 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Records for shell launchers (slurm/array.sbatch), so that this module stays the files' one owner."""
+    parser = argparse.ArgumentParser(prog="python -m lingua_wd.rundir", description=main.__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("done", help="exit 0 if the run is finished (DONE), 1 if not").add_argument("run_dir")
+    p = sub.add_parser("exit", help="record an exit code unless the trainer recorded its exit since --since")
+    p.add_argument("run_dir")
+    p.add_argument("code", type=int)
+    p.add_argument("--since", type=float, default=0.0, help="epoch seconds the trainer was started at")
+    p.add_argument("--cause", default="", help="what happened (default: the code's meaning)")
+    p = sub.add_parser("cancel", help="record that the user cancelled the run")
+    p.add_argument("run_dir")
+    p.add_argument("--job", default="", help="the job that was cancelled")
+    p.add_argument("--reason", default="")
+    args = parser.parse_args(argv)
+    run = RunDir(args.run_dir)
+    if args.cmd == "done":
+        return 0 if run.is_done() else 1
+    if args.cmd == "cancel":
+        run.write_cancelled(args.job, args.reason)
+        return 0
+    run.record_exit(args.code, args.since, args.cause)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,9 +14,13 @@ all listed in `<sweep>/manifest.json`. The code is copied into `<sweep>/code` on
 and every run executes that copy, so editing the tree does not change queued runs.
 
 Launchers: `local` (one run after another), `local_parallel` (one run per visible GPU, or `local.jobs` CPU
-runs), `slurm` (one array job `--array=0-N%K` rendered from `slurm/array.sbatch`; each task runs torchrun
-across its nodes and requeues itself when signalled before the time limit). Finished runs (a DONE file)
-are skipped; runs with a checkpoint resume (the trainer resumes from the newest checkpoint in its dump dir).
+runs), `slurm` (one array job `--array=0-N%K` rendered from `slurm/array.sbatch`; each task runs one srun
+task per rank, no torchrun, and requeues itself when its ranks saved a checkpoint on a signal). Each run has
+a state (`run_state`): new, started, resume, queued, running, done, failed (exit N: cause) or cancelled, from
+its run dir (lingua_wd/rundir.py) and, for SLURM, from squeue / sacct about the jobs the sweep submitted
+(`jobs.json`). New, started and resume runs are trained or submitted (the trainer resumes from the newest
+checkpoint in its dump dir); queued, running and done runs never twice; failed and cancelled ones only with
+`--retry-failed`.
 """
 
 from __future__ import annotations
@@ -39,11 +43,10 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from lingua_wd.args import ConfigError, check, help_text, load_config, parse_args
-from lingua_wd.rundir import EXIT_REQUEUE
+from lingua_wd.rundir import EXIT_OK, EXIT_REQUEUE, RunDir, exit_cause
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SNAPSHOT_ITEMS = ("lingua_wd", "apps", "configs", "slurm", "pyproject.toml")
-PREEMPTED = EXIT_REQUEUE  # trainer exit code: stopped by a signal after saving a checkpoint (rundir.py)
 LAUNCHERS = ("local", "local_parallel", "slurm")
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # not inherited
 
@@ -61,16 +64,17 @@ class SlurmArgs:
     partition: str = ""  # --partition ("" = cluster default)
     account: str = ""  # --account ("" = none)
     qos: str = ""  # --qos ("" = none)
-    time: str = "24:00:00"  # --time limit of one array task
-    nodes: int = 1  # nodes per run; torchrun spans them
-    gpus_per_node: int = 8  # GPUs per node (= torchrun --nproc_per_node)
-    cpus_per_task: int = 32  # CPUs per node (one task per node runs torchrun)
+    time: str = "24:00:00"  # --time limit of one array task (each restart gets it anew)
+    nodes: int = 1  # nodes per run
+    gpus_per_node: int = 8  # --gpus-per-node (0: a CPU partition, no GPU request)
+    tasks_per_node: int = 0  # ranks per node, one srun task each (0: gpus_per_node, or 1 without GPUs)
+    cpus_per_task: int = 8  # CPUs per rank
     mem: str = ""  # --mem per node ("" = cluster default, "0" = all)
     max_parallel: int = 0  # K in --array=0-N%K: runs at a time (0 = no limit)
-    signal_s: int = 300  # SIGUSR1 this many seconds before the time limit: checkpoint, then requeue
-    max_requeues: int = 20  # stop requeueing a task after this many restarts
-    setup: str = ""  # shell lines run before torchrun (module load, source .venv/bin/activate)
-    torchrun: str = "torchrun"  # the torchrun command
+    signal_s: int = 300  # SIGUSR1 to the ranks this many s (SLURM: up to 30 s more) before the time limit
+    max_requeues: int = 20  # a task stops requeueing itself after this many restarts
+    setup: str = ""  # shell lines run before the trainer (module load, source .venv/bin/activate)
+    python: str = ""  # the Python that runs the trainer on the nodes ("" = the one running `lingua-wd sweep`)
     extra: list[str] = field(default_factory=list)  # more sbatch options, e.g. ["--constraint=h100"]
     submit: bool = True  # run sbatch (false: only write <sweep>/submit.sbatch)
 
@@ -214,14 +218,53 @@ def expand_grid(grid: dict[str, Any], short: dict[str, str] | None = None) -> li
 
 
 def load_sweep(path: str | os.PathLike, overrides: list[str] | None = None) -> SweepArgs:
-    """Sweep YAML <- dotted overrides (`launcher=slurm slurm.partition=gpu`); `name` defaults to the file stem."""
+    """Sweep YAML <- dotted overrides (`launcher=slurm slurm.partition=gpu`); `name` defaults to the file stem.
+
+    For an existing sweep dir, the launcher settings it saved (REMEMBERED) fill in every key that neither
+    the file nor the command line sets, so `slurm.time=...` given once stays the sweep's setting.
+    """
     check(Path(path).is_file(), "sweep", f"no such file {path}")
-    args = parse_args(SweepArgs, [f"config={path}", *(overrides or [])])
+    # YAML reads an unquoted 1:00:00 as the sexagesimal integer 3600 (which SLURM takes as minutes)
+    overrides = [re.sub(r"^(slurm\.time)=([^'\"].*)$", r"\1='\2'", o) for o in overrides or []]
+    args = parse_args(SweepArgs, [f"config={path}", *overrides])
     args.name = args.name or Path(path).stem
-    check(args.launcher in LAUNCHERS, "launcher", f"unknown launcher {args.launcher!r} (choose from {LAUNCHERS})")
     check(re.fullmatch(r"[A-Za-z0-9._+-]+", args.name) is not None, "name", f"{args.name!r} is not file-name safe")
+    args = _with_saved_settings(args, Path(path), overrides)
+    check(args.launcher in LAUNCHERS, "launcher", f"unknown launcher {args.launcher!r} (choose from {LAUNCHERS})")
     check(len(args.grid) > 0, "grid", "is empty: name at least one key to sweep")
     return args
+
+
+REMEMBERED = ("launcher", "slurm", "local")  # sections a sweep dir keeps from the call that wrote it
+
+
+def sweep_dir_of(args: SweepArgs) -> Path:
+    return (Path(args.dump_root).expanduser() / args.name).resolve()
+
+
+def _leaf_keys(cfg: Any, prefix: str = "") -> list[str]:
+    if not isinstance(cfg, DictConfig):
+        return [prefix[:-1]]
+    return [k for key, v in cfg.items_ex(resolve=False) for k in _leaf_keys(v, f"{prefix}{key}.")]
+
+
+def _with_saved_settings(args: SweepArgs, path: Path, overrides: list[str]) -> SweepArgs:
+    saved_path = sweep_dir_of(args) / "sweep.yaml"
+    if not saved_path.is_file():
+        return args
+    explicit = set(_leaf_keys(OmegaConf.load(path))) | {o.split("=", 1)[0] for o in overrides}
+    cfg = OmegaConf.structured(args)
+    missing = object()
+    try:
+        saved = OmegaConf.load(saved_path)
+        for key in _leaf_keys(saved):
+            set_here = any(key == e or key.startswith(e + ".") or e.startswith(key + ".") for e in explicit)
+            known = OmegaConf.select(cfg, key, default=missing) is not missing  # e.g. not a key of an older version
+            if key.split(".", 1)[0] in REMEMBERED and known and not set_here:
+                OmegaConf.update(cfg, key, OmegaConf.select(saved, key), merge=False)
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except Exception as err:  # a saved value the current SweepArgs refuses: name the file
+        raise ConfigError(f"{saved_path}: {str(err).splitlines()[0]}") from None
 
 
 def base_config(args: SweepArgs, sweep_file: str | os.PathLike | None) -> DictConfig:
@@ -287,15 +330,53 @@ def changed_keys(old: DictConfig, new: DictConfig, prefix: str = "") -> list[str
     return out
 
 
-def run_state(dump_dir: str | os.PathLike) -> str:
-    """done (DONE file) | resume (a complete checkpoint) | started (metrics, no checkpoint) | new."""
-    d = Path(dump_dir)
-    if (d / "DONE").is_file():
+# ----------------------------------------------------------------------------- run states
+
+TRAIN_STATES = ("new", "started", "resume")  # what `lingua-wd sweep` trains or submits
+RETRY_STATES = ("failed", "cancelled")  # trained or submitted again only with --retry-failed
+# SLURM's words for a job it still holds -> the run's state (squeue %T, sacct State)
+SLURM_LIVE = {
+    **dict.fromkeys(("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SPECIAL_EXIT", "RESV_DEL_HOLD"), "queued"),
+    **dict.fromkeys(("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "RESIZING",
+                     "STOPPED"), "running"),
+}  # fmt: skip
+
+
+def file_state(run: RunDir) -> str:
+    """From the run directory alone: done | resume (a complete checkpoint) | started (metrics) | new."""
+    if run.is_done():
         return "done"
-    ckpt = d / "checkpoints"
-    if ckpt.is_dir() and any(p.is_dir() and p.name.isdigit() for p in ckpt.iterdir()):
-        return "resume"
-    return "started" if (d / "metrics.jsonl").is_file() else "new"
+    try:  # a checkpoint is complete once its manifest is written (lingua_wd/checkpoint.py)
+        if any((p / "MANIFEST.json").is_file() for p in run.checkpoints.iterdir() if p.name.isdigit()):
+            return "resume"
+    except OSError:
+        pass
+    return "started" if run.metrics.is_file() else "new"
+
+
+def run_state(dump_dir: str | os.PathLike, job_state: Optional[str] = None) -> str:
+    """done | queued | running | cancelled | failed (exit N: cause) | resume | started | new.
+
+    `job_state` is SLURM's word for the run's latest job (None: no job known). A live job wins over the
+    run dir's records; a failure is the last exit recorded in EXIT.json (by the trainer, else its launcher).
+    """
+    run = RunDir(dump_dir)
+    if run.is_done():
+        return "done"
+    if job_state in SLURM_LIVE:
+        return SLURM_LIVE[job_state]
+    if run.read_cancelled() is not None or job_state == "CANCELLED":
+        return "cancelled"
+    rec = run.read_exit()
+    if rec is not None and rec.get("code") not in (EXIT_OK, EXIT_REQUEUE):
+        code = int(rec["code"])
+        return f"failed (exit {code}: {rec.get('cause') or exit_cause(code)})"
+    return file_state(run)
+
+
+def state_kind(state: str) -> str:
+    """`failed (exit 2: config error)` -> `failed`."""
+    return state.split(" ", 1)[0]
 
 
 def snapshot_code(dest: Path, src: Optional[Path] = None) -> None:
@@ -344,7 +425,7 @@ def prepare(
     Re-running on an existing sweep dir keeps its snapshot (unless `resnapshot`) and adds new grid points;
     a run that already started must keep its config, so changing it is an error, not a silent restart.
     """
-    sweep_dir = (Path(args.dump_root).expanduser() / args.name).resolve()
+    sweep_dir = sweep_dir_of(args)
     runs = expand_grid(args.grid, args.short)
     base = base_config(args, sweep_file)
     manifest = {
@@ -369,7 +450,7 @@ def prepare(
         return sweep_dir, manifest
     for name, (raw, _) in configs.items():
         path = sweep_dir / "configs" / f"{name}.yaml"
-        if path.is_file() and run_state(sweep_dir / "runs" / name) != "new":
+        if path.is_file() and file_state(RunDir(sweep_dir / "runs" / name)) != "new":
             diff = changed_keys(OmegaConf.load(path), raw)
             check(not diff, "grid", f"run {name} already started with other values of {diff}; use a new sweep name")
     (sweep_dir / "configs").mkdir(parents=True, exist_ok=True)
@@ -395,9 +476,31 @@ def load_manifest(sweep_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-def pending_runs(sweep_dir: str | os.PathLike, manifest: dict) -> list[dict]:
-    """Runs without a DONE file, in manifest order: SLURM array index i runs pending_runs(...)[i]."""
-    return [r for r in manifest["runs"] if run_state(Path(sweep_dir) / r["dump_dir"]) != "done"]
+def run_states(sweep_dir: str | os.PathLike, manifest: dict, persist: bool = False) -> dict[str, str]:
+    """Every run's state; runs submitted to SLURM by this sweep (jobs.json) ask SLURM about their latest job.
+    A job SLURM reports cancelled (e.g. while pending, so no task ever ran) is recorded in the run dir
+    when `persist`, so the run stays cancelled after SLURM has forgotten the job."""
+    tasks = latest_tasks(sweep_dir)
+    jobs = slurm_states(sorted(set(tasks.values())))
+    states = {}
+    for r in manifest["runs"]:
+        task = tasks.get(r["name"])
+        job_state = jobs.get(task) if task else None
+        run = RunDir(Path(sweep_dir) / r["dump_dir"])
+        if persist and job_state == "CANCELLED" and run.read_cancelled() is None and not run.is_done():
+            run.write_cancelled(task or "", "SLURM reports the job cancelled")
+        states[r["name"]] = run_state(run.path, job_state)
+    return states
+
+
+def pending_runs(
+    sweep_dir: str | os.PathLike, manifest: dict, retry: bool = False, states: Optional[dict[str, str]] = None
+) -> list[dict]:
+    """Runs to train or submit, in manifest order (SLURM array index i trains the i-th): new, started and
+    resume; failed and cancelled ones too with `retry`; never queued, running or done ones."""
+    states = states if states is not None else run_states(sweep_dir, manifest)
+    wanted = TRAIN_STATES + (RETRY_STATES if retry else ())
+    return [r for r in manifest["runs"] if state_kind(states[r["name"]]) in wanted]
 
 
 # ----------------------------------------------------------------------------- local launchers
@@ -468,13 +571,16 @@ class _Stopper:
                 p.send_signal(signal.SIGTERM)
 
 
-def launch_local(sweep_dir: Path, manifest: dict, args: LocalArgs, parallel: bool = False) -> dict[str, int]:
-    """Run every unfinished run here; returns name -> exit code (skipped runs are absent).
+def launch_local(
+    sweep_dir: Path, manifest: dict, args: LocalArgs, parallel: bool = False, runs: Optional[list[dict]] = None
+) -> dict[str, int]:
+    """Train `runs` (default: the pending ones) here; returns name -> exit code (skipped runs are absent).
 
     Sequential by default; `parallel` runs one per GPU group of `nproc` GPUs (or `jobs` CPU runs at once).
     Each trainer gets its own session, so a Ctrl-C reaches only this launcher, which forwards SIGTERM.
+    An exit the trainer did not record itself (killed, a crash at start-up) goes to the run's EXIT.json.
     """
-    todo = pending_runs(sweep_dir, manifest)
+    todo = list(pending_runs(sweep_dir, manifest) if runs is None else runs)
     gpus = visible_gpus()
     slots: list[Optional[list[int]]]
     if parallel and gpus:
@@ -487,38 +593,121 @@ def launch_local(sweep_dir: Path, manifest: dict, args: LocalArgs, parallel: boo
         slots = [gpus[: args.nproc] if gpus else None]
     threads = args.threads or (max(1, (os.cpu_count() or 1) // len(slots)) if not gpus else 0)
     codes: dict[str, int] = {}
-    running: list[tuple[subprocess.Popen, dict, Optional[list[int]], Any]] = []
+    running: list[tuple[subprocess.Popen, dict, Optional[list[int]], Any, float]] = []
     print(f"[sweep] {len(todo)} of {len(manifest['runs'])} runs to train, {len(slots)} at a time", flush=True)
     with _Stopper() as stopper:
         while (todo and not stopper.stop) or running:
             while todo and slots and not stopper.stop:
                 run, dev = todo.pop(0), slots.pop(0)
-                run_dir = sweep_dir / run["dump_dir"]
-                run_dir.mkdir(parents=True, exist_ok=True)
-                state = run_state(run_dir)
-                log = open(run_dir / "train.log", "a")  # noqa: SIM115 (closed when the run ends)
+                rd = RunDir(sweep_dir / run["dump_dir"])
+                rd.path.mkdir(parents=True, exist_ok=True)
+                state = run_state(rd.path)
+                rd.clear_cancelled()
+                log = open(rd.train_log, "a")  # noqa: SIM115 (closed when the run ends)
                 cmd = train_command(manifest, run, args.nproc)
-                print(f"[sweep] start {run['name']} ({state}) -> {run_dir}/train.log", flush=True)
+                print(f"[sweep] start {run['name']} ({state}) -> {rd.train_log}", flush=True)
+                started = time.time()
                 proc = subprocess.Popen(
                     cmd, cwd=manifest["workdir"], env=run_env(manifest, dev, threads),
                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 )  # fmt: skip
                 stopper.procs.append(proc)
-                running.append((proc, run, dev, log))
+                running.append((proc, run, dev, log, started))
             time.sleep(0.2)
             for item in [x for x in running if x[0].poll() is not None]:
-                proc, run, dev, log = item
+                proc, run, dev, log, started = item
                 running.remove(item)
                 stopper.procs.remove(proc)
                 log.close()
                 slots.append(dev)
-                codes[run["name"]] = proc.returncode
-                what = {0: "finished", PREEMPTED: "stopped after a checkpoint"}.get(proc.returncode, "FAILED")
-                print(f"[sweep] {run['name']}: {what} (exit {proc.returncode})", flush=True)
+                code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode  # killed: as a shell says
+                codes[run["name"]] = code
+                RunDir(sweep_dir / run["dump_dir"]).record_exit(code, started)
+                what = {EXIT_OK: "finished", EXIT_REQUEUE: "stopped after a checkpoint"}.get(code, "FAILED")
+                print(f"[sweep] {run['name']}: {what} (exit {code}: {exit_cause(code)})", flush=True)
     return codes
 
 
 # ----------------------------------------------------------------------------- SLURM
+
+
+def jobs_path(sweep_dir: str | os.PathLike) -> Path:
+    """The sweep's own record of its SLURM array jobs: [{"job": id, "runs": [name per array index], "time"}]."""
+    return Path(sweep_dir) / "jobs.json"
+
+
+def read_jobs(sweep_dir: str | os.PathLike) -> list[dict]:
+    path = jobs_path(sweep_dir)
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def record_job(sweep_dir: Path, job_id: str, runs: list[dict]) -> None:
+    jobs = read_jobs(sweep_dir) + [{"job": job_id, "runs": [r["name"] for r in runs], "time": _now()}]
+    _write_json(jobs_path(sweep_dir), jobs)
+
+
+def latest_tasks(sweep_dir: str | os.PathLike) -> dict[str, str]:
+    """Run name -> the array task (`<job>_<index>`) of its latest submission."""
+    return {name: f"{j['job']}_{i}" for j in read_jobs(sweep_dir) for i, name in enumerate(j["runs"])}
+
+
+def _slurm_lines(cmd: list[str]) -> Optional[list[str]]:
+    """stdout lines of a SLURM command, None if it is missing or fails (e.g. sacct without accounting)."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.splitlines() if out.returncode == 0 else None
+
+
+def slurm_states(tasks: list[str]) -> dict[str, str]:
+    """Array task (`123_4`) -> SLURM's state word (PENDING, RUNNING, CANCELLED, ...). squeue knows the jobs
+    SLURM still holds (finished ones for MinJobAge, 5 min by default); sacct, where accounting is on,
+    knows the rest; without it the jobcomp/filetxt log (tasks that ran). A task none of them knows is absent."""
+    if not tasks:
+        return {}
+    arrays = ",".join(sorted({t.split("_")[0] for t in tasks}))
+    found: dict[str, str] = {}
+    for line in _slurm_lines(["squeue", "-h", "-r", "-t", "all", "-j", arrays, "-o", "%i|%T"]) or []:
+        task, _, state = line.partition("|")
+        found[task.strip()] = state.strip()
+    rest = [t for t in tasks if t not in found]
+    if rest:
+        sacct = _slurm_lines(["sacct", "-n", "-P", "-X", "-j", arrays, "-o", "JobID,State"])
+        older = _parse_sacct(sacct) if sacct is not None else _jobcomp_states()
+        found |= {t: older[t] for t in rest if t in older}
+    return {t: found[t] for t in tasks if t in found}
+
+
+def _parse_sacct(lines: list[str]) -> dict[str, str]:
+    out = {}
+    for line in lines:
+        task, _, state = line.partition("|")
+        out[task] = state.split(" ")[0]  # "CANCELLED by 1000"
+    return out
+
+
+JOBCOMP_TAIL = 32 << 20  # bytes of the jobcomp log read
+
+
+def _jobcomp_states() -> dict[str, str]:
+    """Array task -> JobState of its last record in the jobcomp/filetxt log, if the cluster keeps a readable one."""
+    config = _slurm_lines(["scontrol", "show", "config"]) or []
+    conf = {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in config)}
+    if conf.get("JobCompType") != "jobcomp/filetxt":
+        return {}
+    try:  # the log of every job of the cluster: its tail is enough for a sweep's recent jobs
+        with open(conf.get("JobCompLoc", ""), "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - JOBCOMP_TAIL))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        rec = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+        if "ArrayJobId" in rec and "ArrayTaskId" in rec:
+            out[f"{rec['ArrayJobId']}_{rec['ArrayTaskId']}"] = rec.get("JobState", "")
+    return out
 
 
 def render_template(text: str, values: dict[str, Any]) -> str:
@@ -531,19 +720,31 @@ def render_template(text: str, values: dict[str, Any]) -> str:
     return re.sub(r"\{\{(\w+)\}\}", lambda m: str(values[m.group(1)]), text)
 
 
+def check_slurm_args(args: SlurmArgs) -> None:
+    check(args.nodes >= 1, "slurm.nodes", f"must be >= 1, got {args.nodes}")
+    check(
+        args.gpus_per_node >= 0, "slurm.gpus_per_node", f"must be >= 0 (0: a CPU partition), got {args.gpus_per_node}"
+    )
+    check(args.tasks_per_node >= 0, "slurm.tasks_per_node", f"must be >= 0, got {args.tasks_per_node}")
+    check(args.cpus_per_task >= 1, "slurm.cpus_per_task", f"must be >= 1, got {args.cpus_per_task}")
+    check(args.signal_s >= 0, "slurm.signal_s", f"must be >= 0, got {args.signal_s}")
+    check(args.max_requeues >= 0, "slurm.max_requeues", f"must be >= 0, got {args.max_requeues}")
+    check(args.max_parallel >= 0, "slurm.max_parallel", f"must be >= 0, got {args.max_parallel}")
+
+
 def sbatch_values(manifest: dict, runs: list[dict], args: SlurmArgs, job_name: str) -> dict[str, Any]:
     """Placeholder values for the template; the run names are embedded, so array index i is runs[i]."""
-    check(args.nodes >= 1, "slurm.nodes", f"must be >= 1, got {args.nodes}")
-    check(args.gpus_per_node >= 1, "slurm.gpus_per_node", f"must be >= 1, got {args.gpus_per_node}")
-    check(args.signal_s >= 0, "slurm.signal_s", f"must be >= 0, got {args.signal_s}")
+    check_slurm_args(args)
     array = f"0-{len(runs) - 1}" + (f"%{args.max_parallel}" if args.max_parallel > 0 else "")
     options = [("partition", args.partition), ("account", args.account), ("qos", args.qos), ("mem", args.mem)]
     lines = [f"#SBATCH --{k}={v}" for k, v in options if v] + [f"#SBATCH {e}" for e in args.extra]
+    gpus = args.gpus_per_node
     return {
         "job_name": job_name,
         "array": array,
         "nodes": args.nodes,
-        "gpus_per_node": args.gpus_per_node,
+        "tasks_per_node": args.tasks_per_node or gpus or 1,
+        "gpus": f"#SBATCH --gpus-per-node={gpus}" if gpus else "# (no GPUs: slurm.gpus_per_node=0)",
         "cpus_per_task": args.cpus_per_task,
         "time": args.time,
         "signal_s": args.signal_s,
@@ -554,23 +755,29 @@ def sbatch_values(manifest: dict, runs: list[dict], args: SlurmArgs, job_name: s
         "runs": "\n".join(f"  {r['name']}" for r in runs),
         "n_runs": len(runs),
         "setup": args.setup.strip() or "# (slurm.setup is empty)",
-        "torchrun": args.torchrun,
+        "python": args.python or sys.executable,
         "max_requeues": args.max_requeues,
     }
 
 
-def write_sbatch(sweep_dir: Path, manifest: dict, args: SlurmArgs) -> tuple[Path, int]:
-    """Render <sweep>/submit.sbatch over the unfinished runs; returns (path, number of array tasks)."""
-    runs = pending_runs(sweep_dir, manifest)
-    if not runs:
-        return sweep_dir / "submit.sbatch", 0
+def render_sbatch(manifest: dict, runs: list[dict], args: SlurmArgs) -> str:
+    """The array job script over `runs`, from the sweep's code snapshot (or this tree's template before one exists)."""
     template = Path(manifest["code_dir"]) / args.template
     if not template.is_file():
         template = REPO_ROOT / args.template
     check(template.is_file(), "slurm.template", f"no such file {args.template}")
-    text = render_template(template.read_text(), sbatch_values(manifest, runs, args, manifest["name"]))
+    return render_template(template.read_text(), sbatch_values(manifest, runs, args, manifest["name"]))
+
+
+def write_sbatch(
+    sweep_dir: Path, manifest: dict, args: SlurmArgs, runs: Optional[list[dict]] = None
+) -> tuple[Path, int]:
+    """Render <sweep>/submit.sbatch over `runs` (default: the pending ones); returns (path, number of tasks)."""
+    runs = pending_runs(sweep_dir, manifest) if runs is None else runs
     path = sweep_dir / "submit.sbatch"
-    path.write_text(text)
+    if not runs:
+        return path, 0
+    path.write_text(render_sbatch(manifest, runs, args))
     path.chmod(0o755)
     return path, len(runs)
 
@@ -586,21 +793,31 @@ def submit(path: Path) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-def print_runs(sweep_dir: Path, manifest: dict) -> None:
-    print(f"sweep {manifest['name']}: {len(manifest['runs'])} runs in {sweep_dir}")
-    width = max(len(r["name"]) for r in manifest["runs"])
-    for r in manifest["runs"]:
-        state = run_state(sweep_dir / r["dump_dir"])
+def print_runs(manifest: dict, states: dict[str, str]) -> None:
+    runs = manifest["runs"]
+    print(f"sweep {manifest['name']}: {len(runs)} runs in {manifest['sweep_dir']}")
+    width = max(len(r["name"]) for r in runs)
+    swidth = max(len(s) for s in states.values())
+    for r in runs:
         params = " ".join(f"{k}={v}" for k, v in r["params"].items())
-        print(f"  {r['index']:4d}  {r['name']:<{width}}  {state:<7}  {params}")
+        print(f"  {r['index']:4d}  {r['name']:<{width}}  {states[r['name']]:<{swidth}}  {params}")
+    counts: dict[str, int] = {}
+    for st in states.values():
+        counts[state_kind(st)] = counts.get(state_kind(st), 0) + 1
+    print("  " + ", ".join(f"{n} {k}" for k, n in counts.items()))
 
 
-USAGE = """usage: lingua-wd sweep SWEEP.yaml [key=value ...] [--dry-run] [--resnapshot]
-  SWEEP.yaml     a base trainer config + a grid over dotted keys (see docs/sweeps.md)
-  key=value      override a sweep field, e.g. launcher=slurm slurm.partition=gpu local.jobs=2
-  --dry-run      list the runs and their state (new / started / resume / done); with launcher=slurm,
-                 also write submit.sbatch without submitting
-  --resnapshot   refresh the code snapshot of an existing sweep dir (queued SLURM tasks see the new code)"""
+USAGE = """usage: lingua-wd sweep SWEEP.yaml [key=value ...] [--dry-run] [--retry-failed] [--resnapshot]
+  SWEEP.yaml      a base trainer config + a grid over dotted keys (see docs/sweeps.md)
+  key=value       override a sweep field, e.g. launcher=slurm slurm.partition=gpu local.jobs=2;
+                  launcher, slurm.* and local.* are remembered by the sweep dir for later calls
+  --dry-run       list the runs and their state and what would be trained or submitted (with
+                  launcher=slurm, the job script); writes nothing
+  --retry-failed  train or submit failed and cancelled runs again, too
+  --resnapshot    refresh the code snapshot of an existing sweep dir (queued SLURM tasks see the new code)
+Run states: new, started, resume, queued, running, done, failed (exit N: cause), cancelled. Runs that are
+new, started or resume are trained (or submitted); queued, running and done ones never twice."""
+FLAGS = ("--dry-run", "--retry-failed", "--resnapshot", "--help")
 HELP = help_text(SweepArgs, USAGE, __doc__)
 
 
@@ -611,38 +828,64 @@ def main(argv: list[str] | None = None) -> int:
     if "--help" in flags or "-h" in argv or not rest:
         print(HELP if rest or "--help" in flags or "-h" in argv else USAGE)
         return 0 if rest or "--help" in flags else 2
-    unknown = flags - {"--dry-run", "--resnapshot", "--help"}
     try:
-        check(not unknown, "sweep", f"unknown flags {sorted(unknown)}")
+        check(not flags - set(FLAGS), "sweep", f"unknown flags {sorted(flags - set(FLAGS))} (choose from {FLAGS})")
         args = load_sweep(rest[0], rest[1:])
-        dry = "--dry-run" in flags
-        if dry and args.launcher != "slurm":
-            sweep_dir, manifest = prepare(args, rest[0], write=False)
-            print_runs(sweep_dir, manifest)
-            return 0
-        sweep_dir, manifest = prepare(args, rest[0], resnapshot="--resnapshot" in flags)
-        print_runs(sweep_dir, manifest)
+        dry, retry = "--dry-run" in flags, "--retry-failed" in flags
+        sweep_dir, manifest = prepare(args, rest[0], resnapshot="--resnapshot" in flags, write=not dry)
+        states = run_states(sweep_dir, manifest, persist=not dry)
+        print_runs(manifest, states)
+        todo = pending_runs(sweep_dir, manifest, retry, states)
+        if dry:
+            return dry_run(manifest, todo, args)
+        if retry:
+            for r in todo:
+                RunDir(sweep_dir / r["dump_dir"]).clear_cancelled()
         if args.launcher == "slurm":
-            path, n = write_sbatch(sweep_dir, manifest, args.slurm)
-            if n == 0:
-                print("[sweep] every run is finished: nothing to submit")
-            elif dry or not args.slurm.submit:
-                print(f"[sweep] wrote {path} ({n} array tasks); submit with: sbatch {path}")
-            else:
-                print(f"[sweep] submitted array job {submit(path)} ({n} tasks) from {path}")
-            return 0
-        codes = launch_local(sweep_dir, manifest, args.local, parallel=args.launcher == "local_parallel")
+            return launch_slurm(sweep_dir, manifest, todo, args.slurm)
+        codes = launch_local(sweep_dir, manifest, args.local, args.launcher == "local_parallel", todo)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    failed = sorted(n for n, c in codes.items() if c not in (0, PREEMPTED))
+    failed = sorted(n for n, c in codes.items() if c not in (EXIT_OK, EXIT_REQUEUE))
     if failed:
         print(f"[sweep] {len(failed)} runs failed: {failed} (logs: <run>/train.log)", file=sys.stderr)
         return 1
-    if any(c == PREEMPTED for c in codes.values()) or pending_runs(sweep_dir, manifest):
+    if any(c == EXIT_REQUEUE for c in codes.values()) or pending_runs(sweep_dir, manifest):
         print("[sweep] stopped early: run the same command again to resume", file=sys.stderr)
-        return PREEMPTED
+        return EXIT_REQUEUE
     print(f"[sweep] all runs finished; report with: lingua-wd report {sweep_dir}")
+    return 0
+
+
+def dry_run(manifest: dict, todo: list[dict], args: SweepArgs) -> int:
+    """What a real call would do, without writing anything."""
+    if not todo:
+        print("[sweep] --dry-run: nothing to train or submit")
+    elif args.launcher == "slurm":
+        print(f"[sweep] --dry-run: would submit this array job ({len(todo)} tasks):\n")
+        print(render_sbatch(manifest, todo, args.slurm))
+    else:
+        print(f"[sweep] --dry-run: would train {len(todo)} runs: {' '.join(r['name'] for r in todo)}")
+    return 0
+
+
+def launch_slurm(sweep_dir: Path, manifest: dict, todo: list[dict], args: SlurmArgs) -> int:
+    """Write <sweep>/submit.sbatch over `todo` and submit it, remembering the job id (jobs.json)."""
+    if not todo:
+        print("[sweep] nothing to submit (every run is done, queued, running, failed or cancelled)")
+        return 0
+    path, n = write_sbatch(sweep_dir, manifest, args, todo)
+    if not args.submit:
+        print(f"[sweep] wrote {path} ({n} array tasks); submit with: sbatch {path}")
+        return 0
+    try:
+        job = submit(path)
+    except RuntimeError as err:
+        print(f"[sweep] {err}", file=sys.stderr)
+        return 1
+    record_job(sweep_dir, job, todo)
+    print(f"[sweep] submitted array job {job} ({n} tasks) from {path}")
     return 0
 
 

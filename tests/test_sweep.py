@@ -2,8 +2,9 @@
 `bash -n`), array index -> run, skip / resume, requeue on a signal, and a 4-run local sweep of the real
 trainer whose report finds one optimum per width.
 
-SLURM cannot run here: the rendered array script runs under bash with fake `srun`, `torchrun` and
-`scontrol` on PATH, which exercises everything in it but the scheduler.
+The SLURM launcher on a real cluster is tests/test_slurm.py; here the rendered array script runs under bash
+with fake `srun` and `scontrol` on PATH (index -> run, skip, exit codes), and the scheduler's answers are
+stubbed for the sweep's states and resubmission rules.
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ from lingua_wd import report as rep
 from lingua_wd import sweep as sw
 from lingua_wd.args import ConfigError
 from lingua_wd.cli import main as cli_main
+from lingua_wd.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
 
 # A stand-in trainer for launcher tests (the rundir.py contract, nothing else): it resumes from the
-# newest checkpoints/<step> dir, logs {"step", "loss"} per step, saves a checkpoint and exits 75 on
-# SIGTERM / SIGUSR1 (or when FAKE_STOP_AT is reached, once), writes DONE at the end, and appends each call
-# to $FAKE_CALLS. Its loss has a known optimum: lr* = 1e-2 * (dim / 64) ** FAKE_SHIFT[wd].
+# newest checkpoints/<step> dir, logs {"step", "loss"} per step, saves a checkpoint (with its MANIFEST.json)
+# and exits 75 on SIGTERM / SIGUSR1 (or when FAKE_STOP_AT is reached, once), exits FAKE_EXIT at start if
+# set, writes DONE at the end, and appends each call to $FAKE_CALLS. Its loss has a known optimum:
+# lr* = 1e-2 * (dim / 64) ** FAKE_SHIFT[wd].
 FAKE_TRAIN = r"""
 import json, math, os, signal, sys, time
 from pathlib import Path
@@ -48,6 +51,14 @@ stop = []
 signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
 signal.signal(signal.SIGUSR1, lambda *a: stop.append(1))
 (d / "started").write_text(str(os.getpid()))
+if os.environ.get("FAKE_EXIT", "").startswith("-"):  # killed by a signal, e.g. before any handler is set
+    signal.signal(-int(os.environ["FAKE_EXIT"]), signal.SIG_DFL)
+    os.kill(os.getpid(), -int(os.environ["FAKE_EXIT"]))
+if os.environ.get("FAKE_EXIT"):
+    sys.exit(int(os.environ["FAKE_EXIT"]))
+def save(step):
+    (ck / f"{step:010d}").mkdir(parents=True, exist_ok=True)
+    (ck / f"{step:010d}" / "MANIFEST.json").write_text("{}")
 shift = json.loads(os.environ.get("FAKE_SHIFT", "{}")).get(str(cfg.scaling.wd), 0.0)
 opt = 1e-2 * (cfg.model.dim / 64) ** shift
 stop_at = int(os.environ.get("FAKE_STOP_AT", "-1"))
@@ -57,10 +68,10 @@ with open(d / "metrics.jsonl", "a") as f:
         loss = 3.0 + 0.1 * math.log(cfg.optim.lr / opt) ** 2 + 1.0 / step
         f.write(json.dumps({"step": step, "loss": loss}) + "\n"); f.flush()
         if stop or (step == stop_at and start == 0):
-            (ck / f"{step:010d}").mkdir(parents=True, exist_ok=True)
+            save(step)
             sys.exit(75)
     f.write(json.dumps({"step": cfg.steps, "val/loss": loss + 0.05}) + "\n")
-(ck / f"{cfg.steps:010d}").mkdir(parents=True, exist_ok=True)
+save(cfg.steps)
 (d / "DONE").write_text(json.dumps({"step": cfg.steps}))
 """
 
@@ -218,16 +229,30 @@ def test_prepare_writes_configs_manifest_and_snapshot(tmp_path: Path, fake_repo:
 
 def test_run_state(tmp_path: Path):
     d = tmp_path / "run"
+    run = RunDir(d)
     assert sw.run_state(d) == "new"
     d.mkdir()
     (d / "metrics.jsonl").write_text("")
     assert sw.run_state(d) == "started"
     (d / "checkpoints" / "0000000010.tmp").mkdir(parents=True)  # an incomplete save does not count
+    (d / "checkpoints" / "0000000010").mkdir()  # nor a checkpoint without its manifest
     assert sw.run_state(d) == "started"
-    (d / "checkpoints" / "0000000010").mkdir()
+    (d / "checkpoints" / "0000000010" / "MANIFEST.json").write_text("{}")
     assert sw.run_state(d) == "resume"
-    (d / "DONE").write_text("{}")
-    assert sw.run_state(d) == "done"
+    run.write_exit(75, 10)  # stopped by a signal after a checkpoint: resumable
+    assert sw.run_state(d) == "resume"
+    assert sw.run_state(d, "PENDING") == "queued" and sw.run_state(d, "COMPLETING") == "running"
+    run.write_exit(2, 10)
+    assert sw.run_state(d) == "failed (exit 2: config error)"
+    run.write_exit(137, 10)
+    assert sw.run_state(d) == "failed (exit 137: killed by SIGKILL)" and sw.state_kind(sw.run_state(d)) == "failed"
+    assert sw.run_state(d, "RUNNING") == "running"  # a live job wins over the last exit
+    assert sw.run_state(d, "CANCELLED") == "cancelled"
+    run.write_cancelled("12_3", "None")
+    assert sw.run_state(d) == "cancelled"
+    run.clear_cancelled()
+    run.write_done({"step": 10})
+    assert sw.run_state(d, "RUNNING") == "done"
 
 
 def test_validation_against_the_trainer_config(tmp_path: Path):
@@ -342,8 +367,8 @@ GOLDEN_MANIFEST = {
 def golden_slurm_args() -> sw.SlurmArgs:
     return sw.SlurmArgs(
         partition="h100", account="proj42", qos="high", time="14:00:00", nodes=2, gpus_per_node=8,
-        cpus_per_task=96, mem="0", max_parallel=2, signal_s=600, setup="source /home/me/lingua_wd/.venv/bin/activate",
-        extra=["--exclusive"],
+        cpus_per_task=12, mem="0", max_parallel=2, signal_s=600, setup="source /home/me/lingua_wd/.venv/bin/activate",
+        python="python", extra=["--exclusive"],
     )  # fmt: skip
 
 
@@ -355,9 +380,11 @@ def test_sbatch_matches_golden_and_parses():
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(rendered)
     assert rendered == golden.read_text()
-    for line in ("#SBATCH --array=0-2%2", "#SBATCH --nodes=2", "#SBATCH --partition=h100", "#SBATCH --account=proj42",
-                 "#SBATCH --qos=high", "#SBATCH --time=14:00:00", "#SBATCH --signal=B:USR1@600", "#SBATCH --exclusive"):  # fmt: skip
+    for line in ("#SBATCH --array=0-2%2", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --cpus-per-task=12", "#SBATCH --partition=h100", "#SBATCH --account=proj42", "#SBATCH --qos=high",
+                 "#SBATCH --time=14:00:00", "#SBATCH --signal=USR1@600", "#SBATCH --exclusive", "#SBATCH --requeue"):  # fmt: skip
         assert line in rendered.splitlines()
+    assert "srun --kill-on-bad-exit=1 --ntasks-per-node=8 \\\n  python " in rendered
     subprocess.run(["bash", "-n"], input=rendered, text=True, check=True)
     path = Path("/tmp") / f"lingua_wd_sbatch_{os.getpid()}.sh"
     path.write_text(rendered)
@@ -365,6 +392,21 @@ def test_sbatch_matches_golden_and_parses():
         subprocess.run(["bash", "-n", str(path)], check=True)
     finally:
         path.unlink()
+
+
+def test_cpu_only_template_and_slurm_arg_errors():
+    args = sw.SlurmArgs(gpus_per_node=0, python="python")
+    text = sw.render_template(
+        (ROOT / "slurm" / "array.sbatch").read_text(),
+        sw.sbatch_values(GOLDEN_MANIFEST, GOLDEN_MANIFEST["runs"], args, "x"),
+    )
+    assert "--gpus-per-node" not in text and "#SBATCH --ntasks-per-node=1" in text.splitlines()
+    args.tasks_per_node = 4  # e.g. 4 CPU ranks per node
+    assert sw.sbatch_values(GOLDEN_MANIFEST, [], args, "x")["tasks_per_node"] == 4
+    assert sw.sbatch_values(GOLDEN_MANIFEST, [], sw.SlurmArgs(), "x")["python"] == sys.executable  # "" = this Python
+    for key, value in [("gpus_per_node", -1), ("nodes", 0), ("cpus_per_task", 0), ("signal_s", -5)]:
+        with pytest.raises(ConfigError, match=rf"^slurm\.{key}: must be >="):
+            sw.sbatch_values(GOLDEN_MANIFEST, [], sw.SlurmArgs(**{key: value}), "x")
 
 
 def test_render_template_errors():
@@ -377,18 +419,24 @@ def test_render_template_errors():
 
 @pytest.fixture
 def fake_slurm(tmp_path: Path) -> tuple[Path, Path]:
-    """Fake srun / torchrun / scontrol on PATH: srun and torchrun drop their options and exec the rest."""
+    """Fake srun / scontrol on PATH: srun drops its options and execs the rest; scontrol logs its calls."""
     bin_ = tmp_path / "bin"
     log = tmp_path / "slurm_calls.log"
-    write(bin_ / "srun", '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n', 0o755)
     write(
-        bin_ / "torchrun",
-        f'#!/bin/bash\necho "torchrun $*" >> {log}\nwhile [[ "$1" == --* ]]; do shift; done\nexec {sys.executable} "$@"\n',
+        bin_ / "srun",
+        f'#!/bin/bash\necho "srun $*" >> {log}\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n',
         0o755,
     )
-    write(
-        bin_ / "scontrol", f'#!/bin/bash\necho "scontrol $*" >> {log}\n[ "$1" = show ] && echo node001\nexit 0\n', 0o755
-    )
+    scontrol = f"""#!/bin/bash
+    echo "scontrol $*" >> {log}
+    case "$1 $2" in
+      "show hostnames") echo node001;;
+      "show node") echo "NodeName=node001 Arch=x86_64 NodeAddr=10.1.2.3 NodeHostName=node001";;
+      "show job") echo "JobId=$3 JobState=RUNNING Reason=None Requeue=1 Restarts=0";;
+    esac
+    exit 0
+    """
+    write(bin_ / "scontrol", scontrol, 0o755)
     return bin_, log
 
 
@@ -399,13 +447,17 @@ def task_env(bin_: Path, index: int, restart: int = 0) -> dict:
     )  # fmt: skip
 
 
-def test_array_index_maps_to_pending_runs(tmp_path: Path, fake_repo: Path, fake_env: Path, fake_slurm):
+def test_array_script_index_exit_codes_and_records(
+    tmp_path: Path, fake_repo: Path, fake_env: Path, fake_slurm, monkeypatch
+):
+    """The rendered script under bash with a fake srun: index -> run, skip of finished runs, the trainer's
+    exit code passed on and recorded in EXIT.json when the trainer did not, a requeue only after exit 75."""
     bin_, log = fake_slurm
     args = sweep_args(tmp_path, {"model.dim": [64, 128], "optim.lr": [1e-3, 2e-3]})
-    args.slurm.gpus_per_node = 1
+    args.slurm.gpus_per_node = 0
     sweep_dir, manifest = sw.prepare(args, src=fake_repo)
     (sweep_dir / "runs" / "d64_lr2e-3").mkdir(parents=True)
-    (sweep_dir / "runs" / "d64_lr2e-3" / "DONE").write_text("{}")  # finished before submission: not in the array
+    RunDir(sweep_dir / "runs" / "d64_lr2e-3").write_done({})  # finished before submission: not in the array
     path, n = sw.write_sbatch(sweep_dir, manifest, args.slurm)
     pending = [r["name"] for r in sw.pending_runs(sweep_dir, manifest)]
     assert n == 3 and pending == ["d64_lr1e-3", "d128_lr1e-3", "d128_lr2e-3"]
@@ -413,60 +465,39 @@ def test_array_index_maps_to_pending_runs(tmp_path: Path, fake_repo: Path, fake_
     for i, name in enumerate(pending):
         proc = subprocess.run(["bash", str(path)], env=task_env(bin_, i), capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert f"-> {name} " in proc.stdout
+        assert f"-> {name} on node001" in proc.stdout and f"{name} finished" in proc.stdout
+        assert RunDir(sweep_dir / "runs" / name).read_exit()["code"] == 0
     assert [c["run"] for c in calls_of(fake_env)] == pending
-    torchruns = [line for line in log.read_text().splitlines() if line.startswith("torchrun")]
-    assert all(
-        "--nnodes=1 --nproc_per_node=1 --rdzv_id=500" in t and "--rdzv_endpoint=node001:" in t for t in torchruns
-    )
-    assert f"{sweep_dir}/code/apps/train.py config={sweep_dir}/configs/d128_lr2e-3.yaml" in torchruns[2]
-    assert "requeue" not in log.read_text()
+    sruns = [line for line in log.read_text().splitlines() if line.startswith("srun")]
+    assert all(t.startswith("srun --kill-on-bad-exit=1 --ntasks-per-node=1 ") for t in sruns)
+    assert f"{sweep_dir}/code/apps/train.py config={sweep_dir}/configs/d128_lr2e-3.yaml" in sruns[2]
     proc = subprocess.run(["bash", str(path)], env=task_env(bin_, 3), capture_output=True, text=True)
     assert proc.returncode == 2 and "outside the 3 runs" in proc.stderr
-    # a finished run's task exits at once, without starting torchrun
     proc = subprocess.run(["bash", str(path)], env=task_env(bin_, 0), capture_output=True, text=True)
     assert proc.returncode == 0 and "already finished" in proc.stdout
     assert len(calls_of(fake_env)) == 3
-
-
-def test_sbatch_requeues_on_signal_and_resumes(
-    tmp_path: Path, fake_repo: Path, fake_env: Path, fake_slurm, monkeypatch
-):
-    """SIGUSR1 to the batch shell (SLURM's --signal=B:USR1): the trainer checkpoints, the task requeues itself."""
-    bin_, log = fake_slurm
-    args = sweep_args(tmp_path, {"optim.lr": [1e-3]})
-    args.base["steps"] = 100_000
-    sweep_dir, manifest = sw.prepare(args, src=fake_repo)
-    path, _ = sw.write_sbatch(sweep_dir, manifest, args.slurm)
-    env = task_env(bin_, 0) | {"FAKE_SLEEP": "0.01"}
-    proc = subprocess.Popen(["bash", str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    started = sweep_dir / "runs" / "lr1e-3" / "started"
-    wait_for(started, then=0.3)
-    proc.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out
-    assert "got SIGUSR1" in out and "requeueing 4242_0" in out
-    assert "scontrol requeue 4242_0" in log.read_text()
-    assert sw.run_state(sweep_dir / "runs" / "lr1e-3") == "resume"
-    # the requeued task resumes from the checkpoint and finishes
-    manifest_cfg = sweep_dir / "configs" / "lr1e-3.yaml"
-    manifest_cfg.write_text(manifest_cfg.read_text().replace("steps: 100000", "steps: 50"))
-    monkeypatch.setenv("FAKE_SLEEP", "0")
-    proc = subprocess.run(
-        ["bash", str(path)], env=task_env(bin_, 0, restart=1), capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 0 and "finished" in proc.stdout, proc.stdout + proc.stderr
-    assert [c["start"] > 0 for c in calls_of(fake_env)] == [False, True]
-    assert log.read_text().count("scontrol requeue") == 1
-    # a crash (not a signal) is a failure, not a requeue; too many restarts stop the requeueing
-    (sweep_dir / "runs" / "lr1e-3" / "DONE").unlink()
-    manifest_cfg.write_text("this is: [not a config")
+    # a trainer that fails: its code is the task's exit code and the run's recorded exit; no requeue
+    RunDir(sweep_dir / "runs" / "d64_lr1e-3").done.unlink()
+    monkeypatch.setenv("FAKE_EXIT", "3")
     proc = subprocess.run(["bash", str(path)], env=task_env(bin_, 0), capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0 and "failed" in proc.stderr
+    assert proc.returncode == 3 and "failed (exit 3)" in proc.stderr
+    assert sw.run_state(sweep_dir / "runs" / "d64_lr1e-3") == "failed (exit 3: diverged)"
+    # exit 75 (a checkpoint after a signal to the ranks): the task requeues itself, up to max_requeues
+    monkeypatch.setenv("FAKE_EXIT", "75")
+    proc = subprocess.run(["bash", str(path)], env=task_env(bin_, 0), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "requeueing 4242_0" in proc.stdout
+    assert "scontrol requeue 4242_0" in log.read_text()  # the task, never the array's job id
+    proc = subprocess.run(["bash", str(path)], env=task_env(bin_, 0, restart=20), capture_output=True, text=True)
+    assert proc.returncode == 75 and "not requeued (slurm.max_requeues)" in proc.stderr
     assert log.read_text().count("scontrol requeue") == 1
+    # a SIGUSR1 before the trainer set its handler (128 + 10): requeued, it resumes from the last checkpoint
+    monkeypatch.setenv("FAKE_EXIT", "-10")
+    proc = subprocess.run(["bash", str(path)], env=task_env(bin_, 0), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "stopped by a signal before it could save (exit 138): requeueing" in proc.stdout
+    assert log.read_text().count("scontrol requeue") == 2
 
 
-def test_cli_dry_run_writes_sbatch_without_submitting(tmp_path: Path, capsys):
+def test_cli_dry_run_writes_nothing_and_slurm_settings_are_remembered(tmp_path: Path, capsys, monkeypatch):
     sweep_file = write(
         tmp_path / "s.yaml",
         f"""
@@ -474,17 +505,120 @@ def test_cli_dry_run_writes_sbatch_without_submitting(tmp_path: Path, capsys):
         validate: false
         base: {{steps: 10}}
         grid: {{model.dim: [64, 128], optim.lr: {{geomspace: [1.0e-3, 2, 3]}}}}
+        slurm: {{partition: cpu}}
     """,
     )
     assert cli_main(["sweep", str(sweep_file), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "6 runs" in out and "d128_lr4e-3" in out and not (tmp_path / "sweeps").exists()  # nothing written
-    assert cli_main(["sweep", str(sweep_file), "--dry-run", "launcher=slurm", "slurm.max_parallel=4"]) == 0
-    script = (tmp_path / "sweeps" / "s" / "submit.sbatch").read_text()
-    assert "#SBATCH --array=0-5%4" in script
+    assert "6 runs" in out and "d128_lr4e-3" in out and "would train 6 runs" in out
+    argv = ["sweep", str(sweep_file), "--dry-run", "launcher=slurm", "slurm.max_parallel=4", "slurm.gpus_per_node=0"]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    script = out[out.index("#!/bin/bash") :]
+    assert "#SBATCH --array=0-5%4" in script and "--gpus-per-node" not in script
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+    assert not (tmp_path / "sweeps").exists()  # --dry-run wrote nothing, not even with launcher=slurm
+    # a real call remembers the launcher settings given on the command line; the file's own keys win
+    monkeypatch.setattr(sw, "submit", lambda path: "77")
+    argv = ["sweep", str(sweep_file), "launcher=slurm", "slurm.time=1:00:00", "slurm.gpus_per_node=0"]
+    assert cli_main(argv) == 0
+    assert "submitted array job 77 (6 tasks)" in capsys.readouterr().out
+    first = (tmp_path / "sweeps" / "s" / "submit.sbatch").read_text()
+    assert "#SBATCH --time=1:00:00" in first  # not 3600 (YAML's sexagesimal 1:00:00)
+    args = sw.load_sweep(sweep_file, ["slurm.max_parallel=3"])
+    assert (args.launcher, args.slurm.time, args.slurm.gpus_per_node, args.slurm.max_parallel) == (
+        "slurm",
+        "1:00:00",
+        0,
+        3,
+    )
+    assert args.slurm.partition == "cpu"
+    sweep_file.write_text(sweep_file.read_text().replace("partition: cpu", "partition: big"))
+    assert sw.load_sweep(sweep_file).slurm.partition == "big"
     assert cli_main(["sweep", str(sweep_file), "launcher=nope"]) == 2
     assert "config error: launcher: unknown launcher" in capsys.readouterr().err
+
+
+def test_slurm_states_resubmission_and_retry(tmp_path: Path, capsys, monkeypatch):
+    """The sweep remembers its jobs: queued / running runs are never submitted twice, failed and cancelled
+    ones only with --retry-failed (SLURM's answers stubbed; tests/test_slurm.py asks a real one)."""
+    sweep_file = write(
+        tmp_path / "s.yaml",
+        f"""
+        dump_root: {tmp_path / "sweeps"}
+        validate: false
+        base: {{steps: 10}}
+        grid: {{optim.lr: [1.0e-3, 2.0e-3, 4.0e-3, 8.0e-3]}}
+        launcher: slurm
+        slurm: {{gpus_per_node: 0}}
+    """,
+    )
+    jobs = iter(["100", "101", "102"])
+    submitted: list[str] = []
+
+    def fake_submit(path: Path) -> str:
+        submitted.append(path.read_text())
+        return next(jobs)
+
+    monkeypatch.setattr(sw, "submit", fake_submit)
+    slurm: dict[str, str] = {}
+    monkeypatch.setattr(sw, "slurm_states", lambda tasks: {t: slurm[t] for t in tasks if t in slurm})
+    assert cli_main(["sweep", str(sweep_file)]) == 0
+    sweep_dir = tmp_path / "sweeps" / "s"
+    assert sw.latest_tasks(sweep_dir) == {"lr1e-3": "100_0", "lr2e-3": "100_1", "lr4e-3": "100_2", "lr8e-3": "100_3"}
+    slurm.update({"100_0": "RUNNING", "100_1": "PENDING", "100_2": "COMPLETED", "100_3": "CANCELLED"})
+    runs = {n: RunDir(sweep_dir / "runs" / n) for n in ("lr1e-3", "lr2e-3", "lr4e-3", "lr8e-3")}
+    runs["lr4e-3"].write_exit(2, 0)  # a config error
+    capsys.readouterr()
+    assert cli_main(["sweep", str(sweep_file)]) == 0
+    out = capsys.readouterr().out
+    assert "lr1e-3  running" in out and "lr2e-3  queued" in out and "lr8e-3  cancelled" in out
+    assert "failed (exit 2: config error)" in out and "nothing to submit" in out and len(submitted) == 1
+    assert runs["lr8e-3"].read_cancelled() is not None  # SLURM's word is kept once SLURM forgets the job
+    del slurm["100_3"]
+    assert sw.run_states(sweep_dir, sw.load_manifest(sweep_dir))["lr8e-3"] == "cancelled"
+    assert cli_main(["sweep", str(sweep_file), "--retry-failed"]) == 0
+    assert "submitted array job 101 (2 tasks)" in capsys.readouterr().out
+    assert "RUNS=(\n  lr4e-3\n  lr8e-3\n)" in submitted[-1] and runs["lr8e-3"].read_cancelled() is None
+    assert sw.latest_tasks(sweep_dir)["lr8e-3"] == "101_1" and sw.latest_tasks(sweep_dir)["lr1e-3"] == "100_0"
+
+
+def test_slurm_state_sources(monkeypatch, tmp_path: Path):
+    """squeue first; then sacct; without accounting the jobcomp/filetxt log."""
+    comp = tmp_path / "jobcomp.txt"
+    comp.write_text(
+        "JobId=7 JobState=COMPLETED ArrayJobId=5 ArrayTaskId=1 ExitCode=0:0\n"
+        "JobId=8 JobState=FAILED ArrayJobId=5 ArrayTaskId=2 ExitCode=2:0\n"
+        "JobId=9 JobState=PENDING ArrayJobId=5 ArrayTaskId=3 ExitCode=0:0\n"
+        "JobId=9 JobState=CANCELLED ArrayJobId=5 ArrayTaskId=3 ExitCode=0:0\n"
+    )
+    answers = {
+        "squeue": ["5_0|RUNNING"],
+        "sacct": None,  # accounting_storage/none
+        "scontrol": ["JobCompLoc              = " + str(comp), "JobCompType             = jobcomp/filetxt"],
+    }
+    monkeypatch.setattr(sw, "_slurm_lines", lambda cmd: answers[cmd[0]])
+    tasks = ["5_0", "5_1", "5_2", "5_3", "5_4"]
+    assert sw.slurm_states(tasks) == {"5_0": "RUNNING", "5_1": "COMPLETED", "5_2": "FAILED", "5_3": "CANCELLED"}
+    answers["sacct"] = ["5_1|COMPLETED", "5_2|FAILED", "5_3|CANCELLED by 0", "5_4|PENDING"]
+    assert sw.slurm_states(tasks)["5_3"] == "CANCELLED" and sw.slurm_states(tasks)["5_4"] == "PENDING"
+    assert sw.slurm_states([]) == {}
+
+
+def test_local_failed_runs_are_recorded_and_retried_only_when_asked(
+    tmp_path: Path, fake_repo: Path, fake_env: Path, monkeypatch
+):
+    args = sweep_args(tmp_path, {"optim.lr": [1e-3, 2e-3]})
+    sweep_dir, manifest = sw.prepare(args, src=fake_repo)
+    monkeypatch.setenv("FAKE_EXIT", "4")
+    assert sw.launch_local(sweep_dir, manifest, args.local) == {"lr1e-3": 4, "lr2e-3": 4}
+    states = sw.run_states(sweep_dir, manifest)
+    assert states == {n: "failed (exit 4: checkpoint write failed)" for n in ("lr1e-3", "lr2e-3")}
+    assert sw.pending_runs(sweep_dir, manifest) == []
+    monkeypatch.delenv("FAKE_EXIT")
+    retry = sw.pending_runs(sweep_dir, manifest, retry=True)
+    assert sw.launch_local(sweep_dir, manifest, args.local, runs=retry) == {"lr1e-3": 0, "lr2e-3": 0}
+    assert set(sw.run_states(sweep_dir, manifest).values()) == {"done"}
 
 
 # ----------------------------------------------------------------------------- report
