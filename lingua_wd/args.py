@@ -155,13 +155,18 @@ def load_config(
     prefix = f"{section}." if section else ""
     try:
         files, dotlist = split_argv(argv)
-        layers = [b if isinstance(b, DictConfig) else OmegaConf.create(b) for b in base if b is not None]
-        layers += [_read_file(f) for f in files] + [_read_item(item) for item in dotlist]
-        for layer in layers:
+        layers = [("config", b if isinstance(b, DictConfig) else OmegaConf.create(b)) for b in base if b is not None]
+        layers += [(f, _read_file(f)) for f in files] + [(i.split("=", 1)[0], _read_item(i)) for i in dotlist]
+        cfg = OmegaConf.structured(cls)
+        for name, layer in layers:
             if drop_unknown:  # a config saved by another version: renamed keys are read under their new names
                 upgrade_keys(cls, layer)
             _check_keys(cls, layer, prefix, drop_unknown)
-        return OmegaConf.merge(OmegaConf.structured(cls), *layers)
+            try:
+                cfg = OmegaConf.merge(cfg, layer)
+            except (TypeError, ValueError) as err:  # e.g. a mapping given where a list is declared
+                raise ConfigError(f"{prefix}{name}: {str(err).splitlines()[0]}") from None
+        return cfg
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err, prefix)) from None
 
