@@ -76,7 +76,7 @@ def parts() -> list[Part]:
         Part("probes", 100, ["scripts/bench_probes.py", "--dims", "1024", "2048", "--reps", "1"],
              ["scripts/bench_probes.py", "--cpu-smoke"],
              "probe overhead: all linears every 10 steps, 2 sequences per GPU per step"),
-        Part("checkpoint", 40, ["scripts/bench_checkpoint.py", "--dims", "2048"], ["scripts/bench_checkpoint.py", "--cpu-smoke"],
+        Part("checkpoint", 40, ["scripts/bench_checkpoint.py", "--dims", "2048", "--reps", "1"], ["scripts/bench_checkpoint.py", "--cpu-smoke"],
              "checkpoint save / load GB/s with checksums", optional_script="scripts/bench_checkpoint.py"),
         Part("optim", 25, ["scripts/bench_optim.py", "--dims", "1024", "2048"], ["scripts/bench_optim.py", "--cpu-smoke"],
              "Muon step vs AdamW step", optional_script="scripts/bench_optim.py"),

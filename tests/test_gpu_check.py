@@ -12,16 +12,17 @@ import gpu_check  # noqa: E402
 
 def test_cpu_smoke_runs_parts_and_writes_summary(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu-smoke", "--out", str(tmp_path),
-           "--parts", "tests,probes,data"]  # fmt: skip  (perf/profile: bench.py's own smoke tests in test_loss.py)
+           "--parts", "tests,probes,checkpoint,optim,data"]  # fmt: skip  (perf/profile: bench.py's own smoke tests in test_loss.py)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (tmp_path / "summary.md").read_text()
-    for name in ("tests", "probes", "data"):
+    for name in ("tests", "probes", "checkpoint", "optim", "data"):
         assert f"| {name} |" in summary and f"## {name}:" in summary
     assert "| perf | " in summary and "skipped: not in --parts" in summary
     assert "gpu-marked" in summary and "deselected" in summary  # pytest's count line made it in
     assert "| overhead |" in summary
     assert "tokens/s" in summary and "no verdicts" in summary
+    assert "| d | checkpoint GB | save s |" in summary and "Muon step ms" in summary
     assert (tmp_path / "logs.txt").read_text().startswith("===== tests")
 
 

@@ -4,8 +4,9 @@ slurmctld, two slurmd as two nodes), real sbatch / srun / scancel / scontrol, th
 The scenarios run side by side to keep the module to a few minutes: the module fixture submits every sweep
 at once, starts the uninterrupted reference runs, and a driver thread acts on the jobs (time limit,
 `scancel --signal=USR1`, `scontrol requeue`, `scancel`) as soon as their trainers have logged a few steps.
-Each test then waits for its own scenario. The trainer is told to stop by a signal and acts at its next
-log step: the runs log every step (log_freq=1), so every stop is within one step.
+Each test then waits for its own scenario. The trainer is told to stop by a signal and stops at the end of
+the step it is in (whatever log_freq); the runs log every step (log_freq=1) so that the comparison with the
+uninterrupted runs covers every step's loss.
 Without slurm-wlm and munge (apt-get install slurm-wlm munge) or root, the `slurm` tests skip.
 """
 
@@ -156,7 +157,7 @@ class Sweep:
     def wait_states(self, want: dict[str, str], timeout: float = TIMEOUT) -> dict[str, str]:
         def ok() -> bool:
             states = self.states()
-            return all(states[k] == v for k, v in want.items())
+            return all(states[k].startswith(v) for k, v in want.items())  # a failure's cause goes on
 
         try:
             self.cluster.wait(ok, timeout, f"{self.dir.name}: {want}", every=1)
@@ -305,7 +306,7 @@ def test_array_sweep_of_4_runs_with_max_parallel_2(scenarios: Scenarios):
 @pytest.mark.slurm
 def test_config_error_is_failed_with_exit_2_in_sweep_and_slurm(scenarios: Scenarios):
     bad = scenarios.bad
-    bad.wait_states({"lr1e-3": "failed (exit 2: config error)"})
+    bad.wait_states({"lr1e-3": "failed (exit 2: config error"})
     task = bad.task("lr1e-3")
 
     def records() -> list[dict[str, str]]:
@@ -315,7 +316,7 @@ def test_config_error_is_failed_with_exit_2_in_sweep_and_slurm(scenarios: Scenar
     assert [(r["JobState"], r["ExitCode"]) for r in comp] == [("FAILED", "2:0")]  # the trainer's own code
     assert "config error: data.sources" in bad.run("lr1e-3").train_log.read_text()
     out = bad.cli().stdout  # not resubmitted unless asked
-    assert "failed (exit 2: config error)" in out and "nothing to submit" in out
+    assert "failed (exit 2: config error" in out and "nothing to submit" in out
     assert "would submit this array job (1 tasks)" in bad.cli("--dry-run", "--retry-failed").stdout
     assert len(sw.read_jobs(bad.dir)) == 1
 
@@ -335,7 +336,7 @@ def assert_resumed_exactly(scenarios: Scenarios, name: str, log_says: str) -> No
 def test_scancel_signal_usr1_saves_requeues_and_resumes_exactly(scenarios: Scenarios):
     scenarios.driver.done("usr1")
     assert_resumed_exactly(scenarios, "k3", "saved a checkpoint (exit 75): requeueing")
-    assert "received signal 10" in scenarios.acts.run("k3").train_log.read_text()
+    assert "received SIGUSR1" in scenarios.acts.run("k3").train_log.read_text()
 
 
 @pytest.mark.slurm
@@ -356,7 +357,7 @@ def test_time_limit_saves_requeues_and_resumes_exactly(scenarios: Scenarios):
     assert any(f"JobId={acts.task('k2')}(" in line for line in warned), (cut_at, ticks[-6:], warned)  # --signal=USR1@30
     assert_resumed_exactly(scenarios, "k2", "saved a checkpoint (exit 75): requeueing")
     scenarios.driver.done("time_limit_reset")
-    assert "received signal 10" in acts.run("k2").train_log.read_text()  # SIGUSR1, to the rank itself
+    assert "received SIGUSR1" in acts.run("k2").train_log.read_text()  # SIGUSR1, to the rank itself
     text = acts.task_log("k2")
     stamp = text[: text.index(" k2 saved a checkpoint (exit 75)")].rsplit("[sweep] ", 1)[1]
     assert 0 < datetime.datetime.fromisoformat(stamp).timestamp() - cut < 40  # at slurmctld's next check
@@ -403,5 +404,5 @@ def test_preemption_saves_requeues_and_resumes_exactly(scenarios: Scenarios, tmp
                 "--wrap", "sleep 1")  # fmt: skip
     pre.wait_states({"k6": "done"})
     assert losses(pre.run("k6").path) == scenarios.reference("acts")
-    assert "received signal 15" in pre.run("k6").train_log.read_text()
+    assert "received SIGTERM" in pre.run("k6").train_log.read_text()
     assert "saved a checkpoint (exit 75): requeueing" in pre.task_log("k6")
