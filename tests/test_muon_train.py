@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from conftest import ROOT, env, losses, read_metrics, run_train, train_cmd
 from lingua_wd.args import ConfigError
@@ -118,6 +119,38 @@ def test_muon_config_errors_name_the_key():
     assert muon_spec(OptimArgs()) is None and muon_spec(OptimArgs(variant="muon")) == MuonSpec(
         ("hidden",), "match_rms_adamw", 0.0
     )
+
+
+def test_transfer_table_is_the_trainers_muon_plan(tmp_path, capsys):
+    from lingua_wd.transfer import main
+
+    out, png = tmp_path / "t.yaml", tmp_path / "t.png"
+    keys = ["optim.variant=muon", f"optim.lr={ETA}", f"optim.weight_decay={LAM}", "model.dim=64", "model.head_dim=32"]
+    assert main([*keys, "transfer.widths=[256]", f"transfer.out={out}", f"transfer.plot={png}"]) == 0
+    assert "Muon on hidden (eta_base=0.003, adjust_lr=match_rms_adamw)" in capsys.readouterr().out
+    res = yaml.safe_load(out.read_text())
+    rules = res["widths"][256]["rules"]
+    assert set(rules) == {"sp", "none", "standard", "independent", "timescale"}  # sqrt, sqrt_lr: no Muon form
+    table = rules["independent"]["classes"]
+    assert table["hidden"]["class"] == "hidden/muon" and table["hidden"]["update_rms"] == pytest.approx(0.2)
+    assert (table["hidden"]["lr"], table["hidden"]["weight_decay"]) == pytest.approx((ETA / 2, 2 * LAM))  # m = 4
+    assert png.stat().st_size > 10_000
+    scaling = ScalingArgs(width="mup", wd="independent", base_dim=64)
+    build_optimizer(tiny(256), OptimArgs(variant="muon", lr=ETA, weight_decay=LAM), scaling, ScheduleArgs(), 100,
+                    1000, str(tmp_path))  # fmt: skip
+    groups = {g["class"]: g for g in json.loads((tmp_path / "param_groups.json").read_text())["groups"]}
+    for cls, g in groups.items():
+        for col in ("lr", "weight_decay", "eta_lambda", "tau_iter", "eq_rms"):
+            assert table[cls][col] == g[col], (cls, col)
+
+
+def test_the_comparison_sweep_validates(tmp_path, capsys):
+    """configs/sweeps/muon_alignment.yaml (docs/probes.md, "AdamW vs Muon"): its 4 runs pass the trainer's checks."""
+    from lingua_wd.sweep import main
+
+    assert main([str(ROOT / "configs/sweeps/muon_alignment.yaml"), f"dump_root={tmp_path}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("d128_torch", "d128_muon", "d256_torch", "d256_muon"))
 
 
 # ----- the optimizer the plan builds, and the probes on it -----
