@@ -12,7 +12,7 @@ Under FSDP2 each rank holds a row shard of every matrix (a DTensor, Shard(0) on 
 Newton-Schulz needs the whole matrix. The momentum stays sharded (it is elementwise); each matrix
 gets one owner rank (largest first onto the least loaded rank); one all_to_all sends every shard of
 U to its owner, the owner orthogonalizes, and a second all_to_all sends each rank its rows of O back
-(docs/muon_draft.md: design and volume). The result equals the one-process update: the owner sees
+(docs/scaling.md, "Muon under FSDP2": design and volume). The result equals the one-process update: the owner sees
 the very matrix one process would see. Plain tensors (one process, or DDP) orthogonalize in place.
 """
 

@@ -5,7 +5,10 @@ is correct under FSDP2.
 Two AdamW variants (App. G.1): PyTorch's (Algorithm 1: decay eta_t * lambda per step) and the
 "fully decoupled" one of Loshchilov & Hutter (decay lambda * schedule(t) per step). How each applies
 lambda is its row of scaling.DECAY_RULES; under the decoupled one, muP with a fixed lambda equals
-independent scaling (SPEC §2).
+independent scaling (SPEC §2). A third variant, `muon`, updates the classes of `optim.muon_classes` (the
+hidden matrices by default) with Muon (lingua_wd/muon.py, exact under FSDP2) and the others with PyTorch's
+AdamW, one optimizer object over both (muon.CombinedOptimizer); the plan gives the Muon classes their own
+width rule (scaling.MUON_RULES) and decay row (DECAY_RULES["muon"]).
 """
 
 from __future__ import annotations
@@ -23,13 +26,17 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lingua_wd.args import check, check_choice, one_of
 from lingua_wd.model import ModelArgs, check_model_args
+from lingua_wd.muon import ADJUST_LR, NS_DTYPES, CombinedOptimizer, Muon
 from lingua_wd.scaling import (
+    CLASSES,
     DECAY_RULES,
+    MuonSpec,
     Plan,
     ScalingArgs,
     check_scaling_args,
     fans,
     group_decay,
+    muon_update_rms,
     param_classes,
     plan,
 )
@@ -47,7 +54,14 @@ class OptimArgs:
     eps: float = 1e-8  # AdamW epsilon
     clip: float = 1.0  # global grad-norm clip (0 = off)
     fused: Optional[bool] = None  # fused AdamW kernel (None: on CUDA only)
-    variant: str = one_of("torch", lambda: VARIANTS)  # AdamW: torch Alg. 1, decoupled Loshchilov & Hutter (DECAY_RULES)
+    variant: str = one_of("torch", lambda: VARIANTS)  # AdamW torch (Alg. 1), decoupled (L&H); muon: + AdamW
+    muon_classes: list[str] = one_of(["hidden"], lambda: CLASSES)  # variant=muon: classes Muon updates; rest AdamW
+    muon_adjust_lr: str = one_of("match_rms_adamw", lambda: ADJUST_LR)  # Muon's update scale (MUON_RULES)
+    muon_lr: float = 0.0  # eta_base of the Muon classes at the base width (0: optim.lr); follows m by MUON_RULES
+    muon_momentum: float = 0.95  # Muon's momentum mu
+    muon_nesterov: bool = True  # Nesterov momentum in Muon
+    muon_ns_steps: int = 5  # Newton-Schulz steps of Muon's orthogonalization
+    muon_ns_dtype: str = one_of("auto", lambda: NS_DTYPES)  # Newton-Schulz dtype (auto: bf16 on CUDA, fp32 on CPU)
 
 
 class DecoupledAdamW(torch.optim.AdamW):
@@ -92,7 +106,8 @@ def _name_decay_rule(optimizer: torch.optim.Optimizer) -> None:
         group.setdefault("decay_rule", "decoupled")
 
 
-VARIANTS = {"torch": torch.optim.AdamW, "decoupled": DecoupledAdamW}  # optim.variant -> class
+# optim.variant -> the AdamW class of its AdamW groups (muon: of the classes Muon does not take, MUON_ADAMW_RULE)
+VARIANTS = {"torch": torch.optim.AdamW, "decoupled": DecoupledAdamW, "muon": torch.optim.AdamW}
 assert VARIANTS.keys() == DECAY_RULES.keys(), "every optimizer variant needs its decay rule in scaling.DECAY_RULES"
 
 
@@ -104,6 +119,21 @@ def check_optim_args(args: OptimArgs) -> None:
     check(args.eps > 0, "optim.eps", f"must be positive, got {args.eps}")
     check(args.clip >= 0, "optim.clip", f"must be >= 0, got {args.clip}")
     check_choice(args.variant, "optim.variant", VARIANTS)
+    for cls in args.muon_classes:
+        check_choice(cls, "optim.muon_classes", CLASSES)
+    check(args.variant != "muon" or bool(args.muon_classes), "optim.muon_classes", "is empty (variant=muon needs one)")
+    check_choice(args.muon_adjust_lr, "optim.muon_adjust_lr", ADJUST_LR)
+    check(args.muon_lr >= 0, "optim.muon_lr", f"must be >= 0 (0 = optim.lr), got {args.muon_lr}")
+    check(0 <= args.muon_momentum < 1, "optim.muon_momentum", f"must be in [0, 1), got {args.muon_momentum}")
+    check(args.muon_ns_steps >= 1, "optim.muon_ns_steps", f"must be >= 1, got {args.muon_ns_steps}")
+    check_choice(args.muon_ns_dtype, "optim.muon_ns_dtype", NS_DTYPES)
+
+
+def muon_spec(args: OptimArgs) -> Optional[MuonSpec]:
+    """The plan's Muon split (scaling.MuonSpec) of optim.variant=muon, None otherwise."""
+    if args.variant != "muon":
+        return None
+    return MuonSpec(tuple(args.muon_classes), args.muon_adjust_lr, args.muon_lr)
 
 
 def check_plan_args(
@@ -115,7 +145,7 @@ def check_plan_args(
     check_optim_args(optim)
     check_schedule_args(schedule, steps)
     check_scaling_args(scaling)
-    return plan(scaling, model.dim, optim.lr, optim.weight_decay, optim.variant, tokens_per_step)
+    return plan(scaling, model.dim, optim.lr, optim.weight_decay, optim.variant, tokens_per_step, muon_spec(optim))
 
 
 def make_adamw(groups: list[dict], args: OptimArgs, on_cuda: bool) -> torch.optim.Optimizer:
@@ -124,21 +154,46 @@ def make_adamw(groups: list[dict], args: OptimArgs, on_cuda: bool) -> torch.opti
     return VARIANTS[args.variant](groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, fused=fused)
 
 
+def make_muon(groups: list[dict], args: OptimArgs) -> Muon:
+    """Muon (muon.py) over ready-made groups of 2-D parameters, with optim.muon_* as its defaults."""
+    return Muon(groups, lr=args.lr, momentum=args.muon_momentum, nesterov=args.muon_nesterov,
+                ns_steps=args.muon_ns_steps, adjust_lr=args.muon_adjust_lr, ns_dtype=args.muon_ns_dtype)  # fmt: skip
+
+
+def make_optimizer(groups: list[dict], args: OptimArgs, on_cuda: bool) -> torch.optim.Optimizer:
+    """The optimizer of `args.variant` over the plan's groups: AdamW over all, or (variant muon) AdamW over the
+    AdamW groups and Muon over the groups marked "optimizer": "muon", as one object whose param_groups are
+    the AdamW groups, then the Muon groups."""
+    adamw = [g for g in groups if g.get("optimizer", "adamw") == "adamw"]
+    muon = [g for g in groups if g.get("optimizer") == "muon"]
+    parts = ([make_adamw(adamw, args, on_cuda)] if adamw else []) + ([make_muon(muon, args)] if muon else [])
+    return parts[0] if len(parts) == 1 else CombinedOptimizer(parts)
+
+
 def param_groups(model: nn.Module, p: Plan, classes: dict[str, str]) -> tuple[list[dict], list[dict], list[dict]]:
     """The plan's classes with the model's parameters attached: (optimizer groups, one table row per
     group, one row per parameter). Each group carries "name", "class", "rule", "lr", "initial_lr" (peak),
-    "weight_decay" and "decay_rule" (how the optimizer applies it: scaling.DECAY_RULES)."""
+    "weight_decay" and "decay_rule" (how the optimizer applies it: scaling.DECAY_RULES); a group of a class
+    Muon updates also "optimizer": "muon" and its "adjust_lr"."""
     named = dict(model.named_parameters())
     groups, rows, prows = [], [], []
     for cls, cp in p.classes.items():
         names = [n for n, c in classes.items() if c == cls]
         if not names:
             continue
-        name = f"{cls}/{p.rule}"
-        groups.append({"params": [named[n] for n in names], "name": name, "class": cls, "rule": p.rule,
-                       "lr": cp.lr, "initial_lr": cp.lr, "weight_decay": cp.weight_decay, "decay_rule": p.variant})  # fmt: skip
+        muon = cp.optimizer == "muon"
+        name = f"{cls}/{p.rule}" + ("/muon" if muon else "")
+        group = {"params": [named[n] for n in names], "name": name, "class": cls, "rule": p.rule,
+                 "lr": cp.lr, "initial_lr": cp.lr, "weight_decay": cp.weight_decay, "decay_rule": cp.decay_rule}  # fmt: skip
+        if muon:
+            _check_muon_shapes(cls, {n: named[n] for n in names})
+            group.update(optimizer="muon", adjust_lr=cp.adjust_lr)
+        groups.append(group)
         mine = [{"name": n, "class": cls, "group": name, "shape": list(named[n].shape),
                  "fan_in": fans(cls, named[n].shape)[0], "init_std": cp.init_std(named[n].shape)} for n in names]  # fmt: skip
+        if muon:  # per parameter: the update RMS r of eq 30 depends on the shape (scaling.muon_update_rms)
+            for r in mine:
+                r["update_rms"] = muon_update_rms(cp.adjust_lr, r["shape"][0], r["shape"][1])
         prows += mine
         rows.append({"name": name, "class": cls, "rule": p.rule, "n_params": sum(named[n].numel() for n in names),
                      "n_tensors": len(names), "fan_in": sorted({r["fan_in"] for r in mine}),
@@ -147,6 +202,11 @@ def param_groups(model: nn.Module, p: Plan, classes: dict[str, str]) -> tuple[li
     assert len(covered) == len(set(covered)) == len(named), "param groups must cover every parameter exactly once"
     assert set(covered) == {id(p) for p in named.values()}, "param groups must cover every parameter exactly once"
     return groups, rows, prows
+
+
+def _check_muon_shapes(cls: str, params: dict[str, torch.Tensor]) -> None:
+    for n, t in params.items():
+        check(t.ndim == 2, "optim.muon_classes", f"{cls}: {n} has shape {tuple(t.shape)}; Muon takes 2-D weights only")
 
 
 def build_optimizer(
@@ -158,13 +218,15 @@ def build_optimizer(
     tokens_per_step: int,
     dump_dir: str | None = None,
 ) -> tuple[torch.optim.Optimizer, LambdaLR]:
-    """AdamW with one named group per class of the width plan and a LambdaLR with one factor per group.
+    """AdamW (or Muon + AdamW) with one named group per class of the width plan and a LambdaLR with one
+    factor per group.
 
     With dump_dir (rank 0), logs the start-up table and writes <dump_dir>/param_groups.json.
     """
-    p = plan(scaling, model.args.dim, optim.lr, optim.weight_decay, optim.variant, tokens_per_step)
+    p = plan(scaling, model.args.dim, optim.lr, optim.weight_decay, optim.variant, tokens_per_step, muon_spec(optim))
     groups, rows, prows = param_groups(model, p, param_classes(model, scaling))
-    opt = make_adamw(groups, optim, next(model.parameters()).device.type == "cuda")
+    opt = make_optimizer(groups, optim, next(model.parameters()).device.type == "cuda")
+    groups = opt.param_groups  # the optimizer's order (AdamW groups first under variant=muon)
     extra = None
     if scaling.extra_warmup != "none":
         extra = extra_warmup_factors(

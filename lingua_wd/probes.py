@@ -32,7 +32,7 @@ from torch import nn
 
 from lingua_wd import theory
 from lingua_wd.args import check, check_choice, one_of
-from lingua_wd.scaling import ScalingArgs, group_decay, param_classes
+from lingua_wd.scaling import ScalingArgs, group_decay, group_update_rms, param_classes
 
 
 @dataclass(frozen=True)
@@ -48,15 +48,17 @@ class Norms:
     sigma: Optional[float]  # sigma_max(W_t) (power iteration)
     dwg: Optional[float]  # ||dW_g||, dW_g = W_{t+1} - (1 - d) W_t: the update without the decay
     dwgx: Optional[float]  # ||dW_g X||
+    dw_sigma: Optional[float]  # ||dW||_2 = sigma_max(dW) (power iteration)
     K: int
     C: int
     eta: Optional[float]  # the group's LR at this step
     decay: Optional[float]  # the group's decay per step d (scaling.group_decay)
+    update_rms: float = 1.0  # r: RMS of one update per unit LR in eq 30 (1: AdamW; Muon: scaling.group_update_rms)
 
 
 @dataclass(frozen=True)
 class Metric:
-    needs: frozenset[str]  # what after_step computes for it: x (inputs), dw, grad (dW_g), sigma, decay
+    needs: frozenset[str]  # what after_step computes for it: x (inputs), dw, grad (dW_g), sigma, dw_sigma, decay
     value: Callable[[Norms], Optional[float]]  # None (or not finite): left out of the record
     doc: str  # definition and reference (SPEC §5)
     default: bool = True  # in probes.metrics by default
@@ -94,8 +96,9 @@ METRICS: dict[str, Metric] = {
     "weight_rms": Metric(frozenset(), lambda n: _div(n.w, math.sqrt(n.K * n.C)), "||W_t|| / sqrt(K C)"),
     "eq_weight_rms": Metric(
         frozenset({"decay"}),
-        _decayed(lambda n: theory.decay_equilibrium_rms(n.eta, n.decay, exact=True)),
-        "equilibrium RMS of the simple model, eta / sqrt(1 - a^2) ~ sqrt(eta / (2 lambda)) (eq 33)",
+        _decayed(lambda n: n.update_rms * theory.decay_equilibrium_rms(n.eta, n.decay, exact=True)),
+        "equilibrium RMS of the simple model, r eta / sqrt(1 - a^2) ~ r sqrt(eta / (2 lambda)) (eq 33; r = 1 for "
+        "AdamW, Muon's update RMS per unit LR for a Muon group)",
     ),
     "eq_rel_update": Metric(
         frozenset({"decay"}),
@@ -115,6 +118,13 @@ METRICS: dict[str, Metric] = {
         frozenset({"grad", "x"}), lambda n: _div(n.dwgx, _mul(n.dwg, n.x)), "||dW_g X|| / (||dW_g|| ||X||)", False
     ),
     "grad_rrc": Metric(frozenset({"grad", "x"}), lambda n: _div(n.dwgx, n.y), "||dW_g X|| / ||W_t X||", False),
+    "update_srank": Metric(
+        frozenset({"dw", "dw_sigma"}),
+        lambda n: _div(_mul(n.dw, n.dw), _mul(n.dw_sigma, n.dw_sigma)),
+        "stable rank of the update ||dW||^2 / ||dW||_2^2 (||dW||_2 by Lanczos on dW): 1 for a rank-one update, "
+        "about min(K, C) for Muon's orthogonalized one",
+        False,
+    ),
 }
 DEFAULT_METRICS = [m for m, spec in METRICS.items() if spec.default]
 
@@ -142,9 +152,10 @@ def parse_probe_key(key: str) -> Optional[tuple[str, str]]:
     return layer, metric
 
 
-SUMS = ("w", "y", "dw", "dwx", "sigma", "dwg", "dwgx")  # per-layer partial sums of squares, all-reduced
+SUMS = ("w", "y", "dw", "dwx", "sigma", "dwg", "dwgx", "dw_sigma")  # per-layer partial sums of squares, all-reduced
 CHUNK = 1 << 25  # elements per temporary in the chunked products and norms (bounds extra memory)
 COLD_ITERS = 30  # power iterations at a layer's first probe (random start); later probes warm-start
+DW_KEY = "dw:"  # state_dict prefix of the dW power iteration's vectors (W's have the bare layer name)
 
 
 @dataclass
@@ -155,6 +166,7 @@ class ProbeArgs:
     positions: int = 1024  # tokens per probe sequence whose X is kept, evenly strided to the last (0 = all)
     metrics: list[str] = one_of(DEFAULT_METRICS, lambda: METRICS)  # what to log (probes.METRICS); grad_*: no decay
     power_iters: int = 2  # power-iteration steps per probe for sigma_max, warm-started from the last probe
+    lanczos_steps: int = 16  # Lanczos steps per probe for update_srank's ||dW||_2, from the last probe's top vector
 
 
 def check_probe_args(args: ProbeArgs) -> None:
@@ -162,6 +174,7 @@ def check_probe_args(args: ProbeArgs) -> None:
     check(0 < args.fraction <= 1, "probes.fraction", f"must be in (0, 1], got {args.fraction}")
     check(args.positions >= 0, "probes.positions", f"must be >= 0 (0 = every token), got {args.positions}")
     check(args.power_iters >= 1, "probes.power_iters", f"must be >= 1, got {args.power_iters}")
+    check(args.lanczos_steps >= 1, "probes.lanczos_steps", f"must be >= 1, got {args.lanczos_steps}")
     for name in args.metrics:
         check_choice(name, "probes.metrics", METRICS)
     check(len(args.metrics) > 0, "probes.metrics", "is empty (set probes.layers=[] to turn probes off)")
@@ -221,8 +234,9 @@ class Probes:
         self.index = {name: i for i, name in enumerate(classes)}
         wanted = needs(args.metrics)
         self.need_x, self.need_dw, self.need_grad = "x" in wanted, "dw" in wanted, "grad" in wanted
-        self.need_sigma = "sigma" in wanted
-        self._v: dict[str, torch.Tensor] = {}  # power-iteration vectors (R^C, replicated), kept across probes
+        self.need_sigma, self.need_dw_sigma = "sigma" in wanted, "dw_sigma" in wanted
+        self._v: dict[str, torch.Tensor] = {}  # power-iteration vectors of W (R^C, replicated), kept across probes
+        self._v_dw: dict[str, torch.Tensor] = {}  # the same for dW
         # the X capture: gated pre-hooks, registered once so compiled blocks never see the hook dicts change
         self._capturing, self._start, self._stride = False, 0, 1
         hooked = self.modules.values() if self.need_x else []
@@ -251,12 +265,14 @@ class Probes:
         return self.args.every > 0 and step % self.args.every == 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The warm-start vectors of the power iteration, so sigma_max continues exactly on resume."""
-        return {n: v.cpu() for n, v in self._v.items()}
+        """The warm-start vectors of the power iterations, so sigma_max and update_srank continue exactly on resume."""
+        return {**{n: v.cpu() for n, v in self._v.items()}, **{DW_KEY + n: v.cpu() for n, v in self._v_dw.items()}}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         device = next(iter(self.modules.values())).weight.device
         self._v = {n: v.to(device) for n, v in state.items() if n in self.modules}
+        dw = {n.removeprefix(DW_KEY): v for n, v in state.items() if n.startswith(DW_KEY)}
+        self._v_dw = {n: v.to(device) for n, v in dw.items() if n in self.modules}
 
     @torch.no_grad()
     def before_step(self, step: int, inputs: torch.Tensor) -> None:
@@ -307,7 +323,7 @@ class Probes:
         if self.need_x:
             cols["y"] = [_products(x, buf) for x, (_, buf) in zip(xs, self._groups, strict=True)]
         if self.need_sigma:
-            cols["sigma"] = self._power_iteration(group)
+            cols["sigma"] = self._power_iteration(group, self._v, 1_000_003)
         if self.need_grad:  # dW_g = W_{t+1} - (1 - d) W_t: the update with the decay removed
             dwg = [_grad_part(names, buf, x, w1, decays) for x, (names, buf) in zip(xs, self._groups, strict=True)]
             cols["dwg"], cols["dwgx"] = [d for d, _ in dwg], [x for _, x in dwg]
@@ -316,6 +332,8 @@ class Probes:
                 torch._foreach_sub_(list(buf.unbind(0)), [w1[n] for n in names])
             cols["dw"] = [_sq_norms(buf) for _, buf in self._groups]
             cols["dwx"] = [_products(x, buf) for x, (_, buf) in zip(xs, self._groups, strict=True)]
+            if self.need_dw_sigma:  # on -dW: the same singular values
+                cols["dw_sigma"] = self._lanczos(group, self._v_dw, 2_000_003)
         rows = self._reduce(order, {k: torch.cat(v) for k, v in cols.items()}, group, decays)
         wanted = [m for m in METRICS if m in self.args.metrics]
         out = {}
@@ -338,33 +356,78 @@ class Probes:
         zero = ref.new_zeros(ref.shape[0], c)
         return torch.stack([self._x.get(n, zero) for n in names])
 
-    def _power_iteration(self, group: Any) -> list[torch.Tensor]:
-        """Partial ||W_t v||^2 per layer, v the top right singular vector estimate (sigma_max^2 once reduced).
-
-        W is sharded by rows: u = W_local v is local, W^T u = sum over ranks of W_local^T u_local,
-        one all-reduce of all layers' vectors per iteration; v (R^C) stays identical on all ranks.
-        """
-        cold = any(n not in self._v for n in self.modules)
+    def _starts(self, store: dict[str, torch.Tensor], seed: int) -> list[torch.Tensor]:
+        """Per shape group, the (layers, C) unit start vectors kept in `store` from the last probe (a fixed
+        private generator draws a layer's first one: no global RNG is drawn)."""
         vs = []
         for names, buf in self._groups:
             for n in names:
-                if n not in self._v:  # a fixed private generator: no global RNG is drawn
-                    gen = torch.Generator().manual_seed(1_000_003 + self.index[n])
-                    self._v[n] = torch.randn(buf.shape[-1], generator=gen).to(buf.device)
-            vs.append(_normalize(torch.stack([self._v[n] for n in names]), None))  # (layers, C)
-        for _ in range(max(self.args.power_iters, COLD_ITERS) if cold else self.args.power_iters):
-            zs = [torch.bmm(buf.transpose(1, 2), torch.bmm(buf, v.unsqueeze(-1))).squeeze(-1)
-                  for (_, buf), v in zip(self._groups, vs, strict=True)]  # fmt: skip
-            if group is not None:
-                flat = torch.cat([z.reshape(-1) for z in zs])
-                dist.all_reduce(flat, group=group)
-                zs = [f.view_as(z) for f, z in zip(flat.split([z.numel() for z in zs]), zs, strict=True)]
-            vs = [_normalize(z, v) for z, v in zip(zs, vs, strict=True)]
+                if n not in store:
+                    gen = torch.Generator().manual_seed(seed + self.index[n])
+                    store[n] = torch.randn(buf.shape[-1], generator=gen).to(buf.device)
+            vs.append(_normalize(torch.stack([store[n] for n in names]), None))
+        return vs
+
+    def _gram(self, vs: list[torch.Tensor], group: Any) -> list[torch.Tensor]:
+        """A^T A v for the (layers, C) vectors v of each shape group, A the snapshot buffers (W_t, or -dW after
+        the subtraction). A is sharded by rows: A^T A v = sum over ranks of A_local^T (A_local v), one all-reduce
+        of all layers' vectors, so the result is replicated."""
+        zs = [torch.bmm(buf.transpose(1, 2), torch.bmm(buf, v.unsqueeze(-1))).squeeze(-1)
+              for (_, buf), v in zip(self._groups, vs, strict=True)]  # fmt: skip
+        if group is not None:
+            flat = torch.cat([z.reshape(-1) for z in zs])
+            dist.all_reduce(flat, group=group)
+            zs = [f.view_as(z) for f, z in zip(flat.split([z.numel() for z in zs]), zs, strict=True)]
+        return zs
+
+    def _finish(self, store: dict[str, torch.Tensor], vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Keep the vectors for the next probe; partial ||A_local v||^2 per layer (||A v||^2 once reduced)."""
         for (names, _), v in zip(self._groups, vs, strict=True):
-            self._v.update(zip(names, v.unbind(0), strict=True))
+            store.update(zip(names, v.unbind(0), strict=True))
         return [
             torch.bmm(buf, v.unsqueeze(-1)).square().sum((1, 2)) for (_, buf), v in zip(self._groups, vs, strict=True)
         ]
+
+    def _power_iteration(self, group: Any, store: dict[str, torch.Tensor], seed: int) -> list[torch.Tensor]:
+        """sigma_max(W_t): power iteration on W^T W from the last probe's vector (W drifts slowly between
+        probes, so a few steps track it; COLD_ITERS at the first)."""
+        cold = any(n not in store for n in self.modules)
+        vs = self._starts(store, seed)
+        for _ in range(max(self.args.power_iters, COLD_ITERS) if cold else self.args.power_iters):
+            vs = [_normalize(z, v) for z, v in zip(self._gram(vs, group), vs, strict=True)]
+        return self._finish(store, vs)
+
+    def _lanczos(self, group: Any, store: dict[str, torch.Tensor], seed: int) -> list[torch.Tensor]:
+        """||dW||_2: `lanczos_steps` Lanczos steps on dW^T dW (full reorthogonalization), started from the last
+        probe's top Ritz vector. dW changes from probe to probe and Muon's has a nearly flat spectrum, where
+        the power iteration's estimate converges as O(1/k) and Lanczos's much faster (Kuczynski & Wozniakowski
+        1992); one all-reduce per step as in the power iteration. Returns partial ||A y||^2, y the top Ritz
+        vector, whose Rayleigh quotient is the top Ritz value, a lower bound of sigma_max^2."""
+        start = self._starts(store, seed)
+        steps = min(self.args.lanczos_steps, min(buf.shape[-1] for _, buf in self._groups))
+        basis = [[v] for v in start]  # per shape group: the Lanczos vectors, (layers, C) each
+        diag: list[list[torch.Tensor]] = [[] for _ in start]
+        off: list[list[torch.Tensor]] = [[] for _ in start]
+        for j in range(steps):
+            for g, z in enumerate(self._gram([b[-1] for b in basis], group)):
+                q = torch.stack(basis[g], 1)  # (layers, j + 1, C)
+                diag[g].append((z * basis[g][-1]).sum(1))
+                for _ in range(2):  # classical Gram-Schmidt twice against every earlier vector
+                    z = z - torch.bmm(torch.bmm(z.unsqueeze(1), q.transpose(1, 2)), q).squeeze(1)
+                if j < steps - 1:
+                    beta = torch.linalg.vector_norm(z, dim=1)
+                    off[g].append(beta)
+                    basis[g].append(z / beta.clamp_min(1e-30).unsqueeze(1))
+        ys = []
+        for g, v0 in enumerate(start):
+            t = torch.diag_embed(torch.stack(diag[g], 1)).double()  # (layers, steps, steps) tridiagonal
+            if off[g]:
+                b = torch.stack(off[g], 1).double()
+                t = t + torch.diag_embed(b, 1) + torch.diag_embed(b, -1)
+            top = torch.linalg.eigh(t)[1][:, :, -1:].to(v0.dtype)  # (layers, steps, 1): the largest Ritz value's
+            y = torch.bmm(top.transpose(1, 2), torch.stack(basis[g], 1)).squeeze(1)
+            ys.append(_normalize(y, v0))
+        return self._finish(store, ys)
 
     def _reduce(self, order: list[str], cols: dict[str, torch.Tensor], group: Any, decays: dict) -> dict:
         """All-reduce the per-shard partial sums (one collective), add the replicated ||X||^2, one host sync."""
@@ -390,10 +453,10 @@ class Probes:
 
 
 def layer_norms(sums: dict[str, Optional[float]], shape: tuple[int, ...], decay: Optional[tuple]) -> Norms:
-    """A layer's reduced squared norms as norms, with its shape and its group's (eta, d)."""
+    """A layer's reduced squared norms as norms, with its shape and its group's (eta, d, r)."""
     r = {k: (math.sqrt(v) if v is not None else None) for k, v in sums.items()}
-    eta, d = decay if decay is not None else (None, None)
-    return Norms(**{k: r[k] for k in (*SUMS, "x")}, K=shape[0], C=shape[1], eta=eta, decay=d)
+    eta, d, rms = decay if decay is not None else (None, None, 1.0)
+    return Norms(**{k: r[k] for k in (*SUMS, "x")}, K=shape[0], C=shape[1], eta=eta, decay=d, update_rms=rms)
 
 
 def class_medians(metrics: dict[str, float], classes: dict[str, str]) -> dict[str, float]:
@@ -417,11 +480,16 @@ def probe_slice(inputs: torch.Tensor, fraction: float, device: torch.device) -> 
     return tokens
 
 
-def _decays(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
-    """Layer -> (eta, d) of its optimizer group: the current LR and the decay per step W <- (1 - d) W the
-    group applies (scaling.group_decay). Both are this step's, so after_step must run before scheduler.step()."""
+def _decays(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -> dict[str, tuple[float, float, float]]:
+    """Layer -> (eta, d, r) of its optimizer group: the current LR, the decay per step W <- (1 - d) W the
+    group applies (scaling.group_decay) and its update RMS per unit LR (scaling.group_update_rms). eta and d
+    are this step's, so after_step must run before scheduler.step()."""
     owner = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    return {n: (float(owner[id(p)]["lr"]), group_decay(owner[id(p)])) for n, p in params.items() if id(p) in owner}
+    return {
+        n: (float(owner[id(p)]["lr"]), group_decay(owner[id(p)]), group_update_rms(owner[id(p)], p.shape))
+        for n, p in params.items()
+        if id(p) in owner
+    }
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,9 @@ hidden and output layers are width-scaled, the "vector-like" input embedding, no
 are not. A rule is one row per axis, each row citing its paper and equation:
 - WIDTH_RULES (`scaling.width`): how the width-scaled classes' LR eta follows m;
 - WD_RULES (`scaling.wd`): how the weight decay lambda follows m;
-- DECAY_RULES (`optim.variant`): how the optimizer applies lambda in each step.
+- DECAY_RULES (`optim.variant`): how the optimizer applies lambda in each step;
+- MUON_RULES (`optim.muon_adjust_lr`, with `optim.variant=muon`): the LR width rule of the classes Muon
+  updates (the spectral condition) and the size of its update (docs/scaling.md, "Muon").
 `plan()` composes the rows into a Plan with one ClassPlan per class (peak LR, weight decay, decay per
 step as the optimizer applies it, init std as a function of the shape, eta*lambda, tau_iter,
 tau_epoch, equilibrium RMS); everything else reads it: the optimizer attaches parameters to it
@@ -29,6 +31,7 @@ from torch import nn
 
 from lingua_wd import theory
 from lingua_wd.args import ConfigError, check, check_choice, one_of
+from lingua_wd.muon import ADJUST_LR
 from lingua_wd.schedule import EXTRA_WARMUPS
 
 CLASSES = ("input", "hidden", "output", "gain", "bias")
@@ -106,9 +109,57 @@ DECAY_RULES: dict[str, DecayRule] = {
         lambda tau, eta: 1.0 / tau,
         "Loshchilov & Hutter (App. G.1): lambda eta_t / eta_peak",
     ),
+    "muon": DecayRule(  # the classes Muon updates; the others take torch's AdamW (MUON_ADAMW_RULE)
+        lambda lr, wd, peak: lr * wd,
+        lambda tau, eta: 1.0 / (eta * tau),
+        "Muon with decoupled WD (torch.optim.Muon; Liu et al. 2025, arXiv 2502.16982): W <- W - eta_t (lambda W + s O)",
+    ),
 }
+MUON_ADAMW_RULE = "torch"  # optim.variant=muon: the classes Muon does not take get PyTorch's AdamW (Alg. 1)
 # output init: std 1/sqrt(fan_in m ** exp); mup is full muP's readout ~ 1/C, equal to sp at the base width
 OUTPUT_INITS: dict[str, float] = {"sp": 0.0, "mup": 1.0}
+
+
+@dataclass(frozen=True)
+class MuonRule:
+    lr_exp: float  # under a width rule that scales the LR (mup): the Muon classes' eta -> eta * m ** lr_exp
+    source: str  # paper and argument
+
+
+# optim.muon_adjust_lr -> the LR width rule of the classes Muon updates (optim.variant=muon). muP for any
+# optimizer is the spectral condition ||dW||_2 = Theta(sqrt(fan_out / fan_in)) (Yang, Simon & Bernstein 2023,
+# arXiv 2310.17813, Condition 1). Muon's O has singular values ~1, so ||dW||_2 ~ eta s(fan_out, fan_in); every
+# hidden matrix keeps fan_out / fan_in (1, 3 or 1/3) at every width here, so eta must only cancel s's growth in
+# m. muP-Adam's eta / m on top of s would scale the LR twice (Megatron-LM #3177, #3715). Under scaling.width=sp
+# the Muon classes keep eta too (no rule scales anything with width there).
+MUON_RULES: dict[str, MuonRule] = {
+    "original": MuonRule(0.0, "Jordan 2024 (KellerJordan/Muon#16): s = sqrt(max(1, out/in)) keeps ||dW||_2 = "
+                              "eta sqrt(out/in) at every width, so eta stays"),
+    "match_rms_adamw": MuonRule(-0.5, "Liu et al. 2025 (Moonlight, arXiv 2502.16982): s = 0.2 sqrt(max(out, in)) "
+                                      "grows as sqrt(m), so eta / sqrt(m)"),
+    "none": MuonRule(0.0, "s = 1: ||dW||_2 ~ eta at every width, so eta stays"),
+}  # fmt: skip
+assert MUON_RULES.keys() == ADJUST_LR.keys(), "every Muon LR adjustment needs its width rule in MUON_RULES"
+# The WD rules with a Muon form: lambda = lambda_base (eta_base / eta) ** wd_exp, i.e. standard keeps lambda,
+# independent keeps the per-step decay eta lambda (eq 8's invariant), timescale keeps 1 / (eta lambda) ([003]).
+# sqrt ([001]: sigma_1 ~ sqrt(eta / lambda) d^0.75) and sqrt_lr (App. B.1) are derived for AdamW's update size.
+MUON_WD_RULES = ("none", "standard", "independent", "timescale")
+
+
+@dataclass(frozen=True)
+class MuonSpec:
+    """optim.variant=muon: which classes Muon updates and with which LR adjustment (optim.muon_*)."""
+
+    classes: tuple[str, ...]
+    adjust_lr: str  # a key of MUON_RULES (muon.ADJUST_LR)
+    lr: float = 0.0  # eta_base of the Muon classes at the base width (0: optim.lr)
+
+
+def muon_update_rms(adjust_lr: str, fan_out: int, fan_in: int) -> float:
+    """RMS of one Muon update per unit LR, s(fan_out, fan_in) RMS(O): O = NS5(U) has min(fan_out, fan_in)
+    singular values near 1 (in [0.68, 1.2], muon.py), so RMS(O) ~ 1 / sqrt(max(fan_out, fan_in)). Eq 30 with an
+    update of RMS eta r gives rho_inf = r sqrt(eta / (2 lambda)); AdamW's r is 1 in the paper's model."""
+    return ADJUST_LR[adjust_lr](fan_out, fan_in) / math.sqrt(max(fan_out, fan_in))
 
 
 def rule_label(width: str, wd: str) -> str:
@@ -273,6 +324,10 @@ class ClassPlan:
     iters_per_epoch: Optional[float]  # M ([003] eq 8)
     init: Init
     extra_warmup: str  # the extra warmup of this class's LR (schedule.EXTRA_WARMUPS)
+    decay_rule: str = "torch"  # the DECAY_RULES row its optimizer group applies
+    optimizer: str = "adamw"  # "muon" for the classes Muon updates (optim.variant=muon)
+    adjust_lr: str = ""  # Muon only: its LR adjustment (MUON_RULES)
+    update_rms: float = 1.0  # RMS of one update per unit LR on a d x d matrix: 1 in eq 30 (AdamW), Muon's r
 
     @property
     def tau_iter(self) -> Optional[float]:
@@ -286,21 +341,26 @@ class ClassPlan:
 
     @property
     def eq_rms(self) -> Optional[float]:
-        """Eq 33: the equilibrium weight RMS ~ sqrt(eta / (2 lambda)) of the per-step decay."""
-        return _finite(theory.decay_equilibrium_rms(self.lr, self.decay))
+        """Eq 33: the equilibrium weight RMS ~ r sqrt(eta / (2 lambda)) of the per-step decay (r: update_rms)."""
+        return _finite(self.update_rms * theory.decay_equilibrium_rms(self.lr, self.decay))
 
     def init_std(self, shape: Sequence[int]) -> float:
         return self.init.std(self.cls, shape)
 
     def time_to_equilibrium(self, rho0: float) -> Optional[float]:
         """Eq 34: steps from an RMS of rho0 into the equilibrium band at the peak LR (None without decay)."""
-        return theory.decay_time_to_equilibrium(self.lr, self.decay, rho0) if rho0 and self.decay > 0 else None
+        if not rho0 or self.decay <= 0:
+            return None
+        return theory.decay_time_to_equilibrium(self.lr, self.decay, rho0 / self.update_rms)  # eq 30 in units of r
 
     def row(self) -> dict[str, Any]:
         """The columns of param_groups.json, the start-up table and the transfer table."""
-        return {"lr": self.lr, "weight_decay": self.weight_decay, "lr_mult": self.lr_mult, "wd_mult": self.wd_mult,
-                "eta_lambda": self.decay, "tau_iter": self.tau_iter, "tau_epoch": self.tau_epoch,
-                "eq_rms": self.eq_rms, "extra_warmup": self.extra_warmup}  # fmt: skip
+        row = {"lr": self.lr, "weight_decay": self.weight_decay, "lr_mult": self.lr_mult, "wd_mult": self.wd_mult,
+               "eta_lambda": self.decay, "tau_iter": self.tau_iter, "tau_epoch": self.tau_epoch,
+               "eq_rms": self.eq_rms, "extra_warmup": self.extra_warmup}  # fmt: skip
+        if self.optimizer == "muon":  # AdamW classes keep exactly their columns
+            row.update(optimizer="muon", adjust_lr=self.adjust_lr, update_rms=self.update_rms)
+        return row
 
 
 @dataclass(frozen=True)
@@ -313,6 +373,7 @@ class Plan:
     variant: str  # the DECAY_RULES row applying the weight decay (optim.variant)
     tau_iter_target: Optional[float]  # the timescale rule's tau_iter (None under other rules)
     classes: dict[str, ClassPlan]  # every class of CLASSES
+    muon: Optional[MuonSpec] = None  # optim.variant=muon: the classes Muon updates
 
     @property
     def warmup_decay(self) -> float:
@@ -320,25 +381,42 @@ class Plan:
         return self.classes["hidden"].decay
 
     def header(self) -> dict[str, Any]:
-        return {"width_mult": self.width_mult, "dim": self.dim, "base_dim": self.base_dim, "rule": self.rule,
-                "variant": self.variant, "tau_iter_target": self.tau_iter_target}  # fmt: skip
+        out = {"width_mult": self.width_mult, "dim": self.dim, "base_dim": self.base_dim, "rule": self.rule,
+               "variant": self.variant, "tau_iter_target": self.tau_iter_target}  # fmt: skip
+        if self.muon is not None:
+            out.update(muon_classes=list(self.muon.classes), muon_adjust_lr=self.muon.adjust_lr)
+        return out
 
 
 def plan(
-    args: ScalingArgs, dim: int, lr: float, weight_decay: float, variant: str = "torch", tokens_per_step: int = 0
+    args: ScalingArgs,
+    dim: int,
+    lr: float,
+    weight_decay: float,
+    variant: str = "torch",
+    tokens_per_step: int = 0,
+    muon: Optional[MuonSpec] = None,
 ) -> Plan:
     """Every class's hyperparameters at width `dim` from the base (eta, lambda) tuned at scaling.base_dim.
 
     tokens_per_step: data.seq_len * data.batch_size, for M = dataset_tokens / tokens per step ([003] eq 8).
+    muon: with variant "muon", the classes Muon updates (the others get MUON_ADAMW_RULE's AdamW).
     """
     m = width_mult(args, dim)
     tau = target_tau_iter(args, tokens_per_step) if WD_RULES[args.wd].timescale else 0.0
     M = iters_per_epoch(args, tokens_per_step)
     warm = set(args.extra_warmup_classes or CLASSES)
-    decay = DECAY_RULES[variant]
+    muon = check_muon_spec(args, variant, muon)
     rows = {}
     for cls in CLASSES:
-        eta, lam = _class_hparams(args, cls, m, lr, weight_decay, tau, decay)
+        on_muon = muon is not None and cls in muon.classes
+        rule_name = "muon" if on_muon else (MUON_ADAMW_RULE if variant == "muon" else variant)
+        decay = DECAY_RULES[rule_name]
+        if on_muon:  # Muon's own width rule (MUON_RULES)
+            eta, lam = _muon_hparams(args, cls, m, lr, weight_decay, tau, muon)
+        else:
+            eta, lam = _class_hparams(args, cls, m, lr, weight_decay, tau, decay)
+        extra = _muon_fields(muon, dim) if on_muon else {}
         rows[cls] = ClassPlan(
             cls=cls,
             lr=eta,
@@ -349,10 +427,12 @@ def plan(
             iters_per_epoch=M,
             init=class_init(args, cls, m),
             extra_warmup=args.extra_warmup if cls in warm else "none",
+            decay_rule=rule_name,
+            **extra,
         )
     label = rule_label(args.width, args.wd)
     source = WIDTH_RULES[args.width].source if label == args.width else WD_RULES[args.wd].source
-    return Plan(label, source, m, dim, args.base_dim or dim, variant, tau or None, rows)
+    return Plan(label, source, m, dim, args.base_dim or dim, variant, tau or None, rows, muon)
 
 
 def _class_hparams(
@@ -377,6 +457,49 @@ def _class_hparams(
     return eta, lam
 
 
+def check_muon_spec(args: ScalingArgs, variant: str, muon: Optional[MuonSpec]) -> Optional[MuonSpec]:
+    """The Muon split of variant "muon" (None for the AdamW variants), checked against the scaling rules."""
+    if variant != "muon":
+        return None
+    if muon is None:
+        raise ValueError("plan(variant='muon') needs a MuonSpec (optim.muon_spec)")
+    for cls in muon.classes:
+        check(cls in CLASSES, "optim.muon_classes", f"unknown class {cls!r} (choose from {', '.join(CLASSES)})")
+    check_choice(muon.adjust_lr, "optim.muon_adjust_lr", MUON_RULES)
+    check(
+        not muon.classes or args.wd in MUON_WD_RULES,
+        "scaling.wd",
+        f"{args.wd} has no Muon form (it is derived for AdamW's update size); with optim.variant=muon use one of "
+        f"{', '.join(MUON_WD_RULES)}",
+    )
+    return muon
+
+
+def _muon_hparams(args: ScalingArgs, cls: str, m: float, lr: float, wd: float, tau: float, muon: MuonSpec) -> tuple:
+    """(peak LR, weight decay) of a class Muon updates: under muP (a width rule that scales the LR) the
+    spectral condition's exponent of MUON_RULES, and lambda = lambda_base (eta_base / eta) ** wd_exp, which keeps
+    what each WD rule keeps (standard: lambda, independent: eta lambda); frozen classes as in _class_hparams."""
+    rule, base = WD_RULES[args.wd], muon.lr or lr
+    lr_exp = MUON_RULES[muon.adjust_lr].lr_exp if WIDTH_RULES[args.width].lr_exp else 0.0
+    scaled = cls not in args.frozen_lr
+    eta = args.frozen_lr.get(cls, base * m**lr_exp)
+    if cls not in args.decay_classes:
+        lam = 0.0
+    elif cls in args.frozen_wd:
+        lam = args.frozen_wd[cls]
+    elif rule.timescale:
+        lam = DECAY_RULES["muon"].timescale_wd(tau, eta)
+    elif not scaled:
+        lam = wd if rule.vector_wd else 0.0
+    else:
+        lam = 0.0 if rule.wd_exp is None else wd * (base / eta) ** rule.wd_exp
+    return eta, lam
+
+
+def _muon_fields(muon: MuonSpec, dim: int) -> dict[str, Any]:
+    return {"optimizer": "muon", "adjust_lr": muon.adjust_lr, "update_rms": muon_update_rms(muon.adjust_lr, dim, dim)}
+
+
 def _finite(x: float) -> Optional[float]:
     return x if math.isfinite(x) else None
 
@@ -392,6 +515,13 @@ def init_std_fn(args: ScalingArgs, dim: int) -> StdFn:
         return inits[cls].std(cls, param.shape)
 
     return std
+
+
+def group_update_rms(group: dict[str, Any], shape: Sequence[int]) -> float:
+    """RMS of one step's update per unit LR that eq 30 takes for a parameter of `shape` in this optimizer group:
+    Muon's s RMS(O) for a Muon group (it carries adjust_lr), else 1 (AdamW, the paper's model)."""
+    adjust = group.get("adjust_lr")
+    return 1.0 if adjust is None else muon_update_rms(adjust, int(shape[0]), int(math.prod(shape[1:])))
 
 
 def group_decay(group: dict[str, Any]) -> float:

@@ -70,10 +70,13 @@ def rule_plan(args: TrainArgs, label: str, dim: int, tau: float) -> scaling.Plan
 
 
 def class_row(cp: scaling.ClassPlan, dim: int) -> dict:
-    """One class at one width: LR, WD and the theory's predictions for its layers of fan-in `dim`."""
+    """One class at one width: LR, WD and the theory's predictions for its layers of fan-in `dim` (a class
+    Muon updates is shown as `<class>/muon`, with the RMS of its update per unit LR, update_rms)."""
     rho0 = cp.init_std((dim, dim)) if cp.init.fan else None
     row = {k: cp.row()[k] for k in ("lr", "weight_decay", "eta_lambda", "tau_iter", "tau_epoch", "eq_rms")}
-    return {"class": cp.cls, **row, "init_std": rho0, "t_eq": cp.time_to_equilibrium(rho0) if rho0 else None}
+    muon = {"update_rms": cp.update_rms} if cp.optimizer == "muon" else {}
+    name = cp.cls + ("/muon" if muon else "")
+    return {"class": name, **row, "init_std": rho0, "t_eq": cp.time_to_equilibrium(rho0) if rho0 else None, **muon}
 
 
 def overrides(args: TrainArgs, label: str, dim: int, d0: int, tau: float) -> str:
@@ -102,11 +105,17 @@ def transfer(args: TransferArgs) -> dict:
                  "timescale_tau_iter": tau or None},
         "widths": {},
     }  # fmt: skip
+    if o.variant == "muon":
+        out["base"]["muon"] = {"classes": list(o.muon_classes), "adjust_lr": o.muon_adjust_lr, "lr": o.muon_lr or o.lr,
+                               "width_rule": scaling.MUON_RULES[o.muon_adjust_lr].source}  # fmt: skip
     for dim in args.transfer.widths or [d0 * 2**k for k in range(5)]:
         per_rule = {}
         for label in args.transfer.rules or scaling.rules():
-            if scaling.WD_RULES[scaling.rules()[label]["wd"]].timescale and tau <= 0:
+            wd_rule = scaling.rules()[label]["wd"]
+            if scaling.WD_RULES[wd_rule].timescale and tau <= 0:
                 continue  # no timescale to keep without weight decay at the base width
+            if o.variant == "muon" and wd_rule not in scaling.MUON_WD_RULES and not args.transfer.rules:
+                continue  # no Muon form (scaling.MUON_WD_RULES); asked for by name, the plan's error says so
             try:
                 p = rule_plan(args, label, dim, tau)
             except ConfigError as err:
@@ -120,11 +129,16 @@ def transfer(args: TransferArgs) -> dict:
 def print_report(result: dict, file=None) -> None:
     file = file or sys.stdout
     b = result["base"]
+    opt = f"{b['variant']} AdamW" if "muon" not in b else "Muon + AdamW"
     print(
-        f"tuned at d0={b['dim']}: eta={b['lr']:g}, lambda={b['weight_decay']:g} ({b['variant']} AdamW), "
+        f"tuned at d0={b['dim']}: eta={b['lr']:g}, lambda={b['weight_decay']:g} ({opt}), "
         f"{b['steps']} steps of {b['tokens_per_step']} tokens",
         file=file,
     )
+    if "muon" in b:
+        mu = b["muon"]
+        print(f"Muon on {', '.join(mu['classes'])} (eta_base={mu['lr']:g}, adjust_lr={mu['adjust_lr']}): under muP "
+              f"{mu['width_rule']}", file=file)  # fmt: skip
     if b["timescale_tau_iter"]:
         print(f"timescale rule keeps tau_iter = {b['timescale_tau_iter']:.4g} steps", file=file)
     for dim, w in result["widths"].items():
@@ -163,11 +177,11 @@ def plot(args: TransferArgs, result: dict, path: str) -> None:
         ("base width", base_row),
         *((k, v["classes"]["hidden"]) for k, v in result["widths"][dim]["rules"].items()),
     ]:
-        lrs = row["lr"] * base
-        rho = theory.rms_model(lrs, row["eta_lambda"] / row["lr"], row["init_std"])
+        lrs, r = row["lr"] * base, row.get("update_rms", 1.0)  # r: Muon's update RMS per unit LR (eq 30 in units of r)
+        rho = r * theory.rms_model(lrs, row["eta_lambda"] / row["lr"], row["init_std"] / r)
         style = {"color": "k", "ls": "--"} if key == "base width" else {}
         axes[1].plot(np.arange(T + 1), rho, label=key, **style)
-        axes[2].plot(t, theory.relative_updates(lrs, rho), label=key, **style)
+        axes[2].plot(t, theory.relative_updates(lrs, rho, b=r), label=key, **style)
     axes[1].set(
         yscale="log", xlabel="step", ylabel="weight RMS rho_t", title=f"hidden class, RMS model (eq 30), d={dim}"
     )

@@ -2,7 +2,7 @@
 
     python scripts/bench_optim.py                           # one GPU: d = 1024, 2048 at the reference shapes
     torchrun --nproc_per_node=8 scripts/bench_optim.py      # FSDP2 over 8 GPUs (Muon's two all_to_all included)
-    python scripts/bench_optim.py --cpu                     # CPU at a moderate size (docs/muon_draft.md)
+    python scripts/bench_optim.py --cpu                     # CPU at a moderate size (docs/benchmarks.md)
     python scripts/bench_optim.py --cpu-smoke               # tiny shapes: checks the script (figures mean nothing)
 
 The model has the reference block shapes (20 blocks, head dim 128, MLP 3d) and is sharded with

@@ -9,8 +9,10 @@ draws the theory next to the measurements (dashed, in the run's colour):
 relative update vs its equilibrium sqrt(2 eta lambda - eta^2 lambda^2) (eq 36), weight RMS vs
 sqrt(eta / (2 lambda)) (eq 33), weight alignment vs 1/sqrt(C) (its value at init), alignment ratio
 vs muP's assumption sqrt(C) (eq 5) and 1 (what the paper measures later), update alignment vs
-1/sqrt(C) (its large-batch value, App. E). The last panel is Figure 5's ratio of each run's
-relative update to the first run's (the warmup effect s_t, eq 38). Writes PREFIX.png and PREFIX.pdf.
+1/sqrt(C) (its large-batch value, App. E), the update's stable rank ||dW||^2 / ||dW||_2^2 vs min(K, C) (an
+orthogonal update's, as Muon makes it; logged with probes.metrics=[..., update_srank]). The last panel is
+Figure 5's ratio of each run's relative update to the first run's (the warmup effect s_t, eq 38). Writes
+PREFIX.png and PREFIX.pdf.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ PANELS = [
     ("update_align", r"update alignment $\alpha_{\Delta W}$ (eq 2)", True),
     ("weight_rms", r"weight RMS $\|W\| / \sqrt{KC}$", True),
     ("sigma_max", r"top singular value $\sigma_1(W)$", True),
+    ("update_srank", r"update stable rank $\|\Delta W\|^2 / \|\Delta W\|_2^2$", True),
     ("update_ratio", "relative update / first run's (Fig. 5, eq 38)", False),
 ]
 
@@ -56,6 +59,7 @@ def load_run(run_dir: Path) -> tuple[list[dict], dict]:
     info = read_sections(raw or {}, {"optim": OptimArgs, "scaling": ScalingArgs}) if raw else {}
     groups = json.loads(run.param_groups.read_text()) if run.param_groups.is_file() else {}
     info["fan_in"] = {p["name"]: p["fan_in"] for p in groups.get("params", [])}  # the width plan's dump
+    info["shape"] = {p["name"]: p["shape"] for p in groups.get("params", [])}
     info["dim"] = groups.get("dim")
     return run.read_metrics(), info
 
@@ -108,18 +112,20 @@ def label(run_dir: Path, info: dict) -> str:
         return run_dir.name
     o, s = info["optim"], info["scaling"]
     rule = ("muP/" if s.width == "mup" else "") + rule_label(s.width, s.wd)
-    return f"d={info['dim']} lr={o.lr:.3g} wd={o.weight_decay:.3g} {rule}"
+    opt = f" Muon ({o.muon_adjust_lr})" if o.variant == "muon" else ""
+    return f"d={info['dim']} lr={o.lr:.3g} wd={o.weight_decay:.3g} {rule}{opt}"
 
 
 def plot(run_dirs: list[Path], layer: str | None, out: Path, drop_last: float, labels: list[str] | None) -> str:
     runs = [load_run(d) for d in run_dirs]
     layer = pick_layer(runs, layer)
-    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5), constrained_layout=True)
+    fig, axes = plt.subplots(3, 3, figsize=(16, 12), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     base: dict[int, float] = {}
     for i, (run_dir, (records, info)) in enumerate(zip(run_dirs, runs, strict=True)):
         color, name = colors[i % len(colors)], (labels[i] if labels else label(run_dir, info))
         C = fan_in(layer, info)
+        K = (info.get("shape", {}).get(f"{layer}.weight") or [None])[0]
         for ax, (metric, _, _) in zip(axes.flat, PANELS, strict=True):
             if metric == "update_ratio":
                 steps, rel = series(records, layer, "rel_update", drop_last)
@@ -131,7 +137,7 @@ def plot(run_dirs: list[Path], layer: str | None, out: Path, drop_last: float, l
                 continue
             steps, values = series(records, layer, metric, drop_last)
             ax.plot(steps, values, color=color, lw=1.2, label=name)
-            theory(ax, metric, records, layer, drop_last, C, color)
+            theory(ax, metric, records, layer, drop_last, C, color, K)
     for ax, (_, title, logy) in zip(axes.flat, PANELS, strict=True):
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("step")
@@ -149,7 +155,9 @@ def plot(run_dirs: list[Path], layer: str | None, out: Path, drop_last: float, l
     return layer
 
 
-def theory(ax, metric: str, records: list[dict], layer: str, drop_last: float, C: int | None, color: str) -> None:
+def theory(
+    ax, metric: str, records: list[dict], layer: str, drop_last: float, C: int | None, color: str, K: int | None = None
+) -> None:
     """The theory line of a panel, dashed in the run's colour."""
     eq = {"rel_update": "eq_rel_update", "weight_rms": "eq_weight_rms"}.get(metric)
     if eq:  # the simple RMS model's equilibrium at the current LR and WD (eq 33, 36)
@@ -159,6 +167,8 @@ def theory(ax, metric: str, records: list[dict], layer: str, drop_last: float, C
         ax.axhline(1 / math.sqrt(C), color=color, lw=1.0, ls="--")  # 1/sqrt(C): init (alpha_W), B >> C (App. E)
     elif C and metric == "align_ratio":
         ax.axhline(math.sqrt(C), color=color, lw=1.0, ls="--")  # muP's assumption Theta(sqrt(C)), eq 5
+    elif C and K and metric == "update_srank":
+        ax.axhline(min(K, C), color=color, lw=1.0, ls="--")  # an orthogonal update's (Muon's) stable rank
 
 
 def with_ext(prefix: Path, ext: str) -> Path:

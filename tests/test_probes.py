@@ -103,6 +103,7 @@ def reference(w0, w1, x, lr, wd) -> dict[str, float]:
         "grad_rel_update": dwg.norm() / w0.norm(),
         "grad_update_align": dwgx / (dwg.norm() * nx),
         "grad_rrc": dwgx / wx,
+        "update_srank": dw.norm() ** 2 / torch.linalg.svdvals(dw)[0] ** 2,
     }
     out["align_ratio"] = out["update_align"] / out["weight_align"]
     return {k: float(v) for k, v in out.items()}
@@ -368,9 +369,9 @@ def test_probes_read_the_decay_each_group_applies():
         sched.step()
     w = nn.Parameter(torch.ones(2, 2))
     hand = DecoupledAdamW([{"params": [w], "lr": 2e-3, "initial_lr": 4e-3, "weight_decay": 0.5}], lr=2e-3)
-    assert probes_mod._decays(hand, {"w": w}) == {"w": (2e-3, 0.25)}  # a hand-made group decays decoupled
+    assert probes_mod._decays(hand, {"w": w}) == {"w": (2e-3, 0.25, 1.0)}  # a hand-made group decays decoupled
     plain = torch.optim.AdamW([w], lr=2e-3, weight_decay=0.5)
-    assert probes_mod._decays(plain, {"w": w}) == {"w": (2e-3, 1e-3)}  # PyTorch's AdamW: eta lambda
+    assert probes_mod._decays(plain, {"w": w}) == {"w": (2e-3, 1e-3, 1.0)}  # PyTorch's AdamW: eta lambda
 
 
 def test_probe_keys_round_trip():
