@@ -31,6 +31,7 @@ class ModelArgs:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base
     max_seq_len: int = 0  # RoPE table length (0: data.seq_len)
+    residual_mult: float = 0.0  # each residual branch x this (0: scaling.depth's (L/L0)^-alpha, set at start-up)
 
     @property
     def n_heads(self) -> int:
@@ -53,6 +54,11 @@ def check_model_args(args: ModelArgs) -> None:
     check(args.ffn_mult > 0, "model.ffn_mult", f"must be positive, got {args.ffn_mult}")
     check(args.vocab_size >= 0, "model.vocab_size", f"must be >= 0, got {args.vocab_size}")
     check(args.norm_eps > 0, "model.norm_eps", f"must be positive, got {args.norm_eps}")
+    check(
+        args.residual_mult >= 0,
+        "model.residual_mult",
+        f"must be >= 0 (0: from scaling.depth), got {args.residual_mult}",
+    )
     if args.n_kv_heads is not None:
         check(
             args.n_kv_heads > 0 and args.n_heads % args.n_kv_heads == 0,
@@ -130,10 +136,15 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.ffn_mult * args.dim)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.residual_mult = args.residual_mult or 1.0  # CompleteP Table 1: X + m_L^-alpha MHA(LN(X)), same for MLP
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = x + self.branch(self.attention(self.attention_norm(x), rope))
+        return h + self.branch(self.feed_forward(self.ffn_norm(h)))
+
+    def branch(self, y: torch.Tensor) -> torch.Tensor:
+        """A residual branch's output times the multiplier (no op at 1: the same numbers, bit for bit)."""
+        return y if self.residual_mult == 1.0 else self.residual_mult * y
 
 
 class Transformer(nn.Module):
@@ -200,6 +211,14 @@ def _copy_full_(p: torch.Tensor, full: torch.Tensor) -> None:
         full = chunks[rank] if rank < len(chunks) else full[:0]
         p = p.to_local()
     p.copy_(full.to(p.device, p.dtype))
+
+
+def block_params(args: ModelArgs) -> int:
+    """Parameters of the transformer blocks (no embedding, no output layer, no final norm): the N of the
+    fitted timescale law tau_epoch = c (D/N)^k (scaling.tau_law), from the shape alone."""
+    q_and_o = 2 * args.dim * args.n_heads * args.head_dim
+    k_and_v = 2 * args.dim * args.kv_heads * args.head_dim
+    return args.n_layers * (q_and_o + k_and_v + 3 * args.ffn_mult * args.dim * args.dim + 2 * args.dim)
 
 
 def count_params(model: nn.Module, blocks_and_output: bool = False) -> int:

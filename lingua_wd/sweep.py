@@ -268,7 +268,8 @@ def resolve_with_trainer(cfg: DictConfig, run_name_: str) -> DictConfig:
 
     try:
         merged, a = load_config(cls, base=[cfg]), parse_args(cls, base=[cfg])
-        check_plan_args(a.model, a.optim, a.schedule, a.scaling, a.steps, a.data.seq_len * a.data.batch_size)
+        tokens_per_step = a.data.seq_len * a.data.batch_size
+        check_plan_args(a.model, a.optim, a.schedule, a.scaling, a.steps, tokens_per_step, a.data.batch_size)
         return merged
     except ConfigError as err:
         raise ConfigError(f"{err} (run {run_name_})") from None
