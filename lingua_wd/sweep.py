@@ -82,7 +82,9 @@ class ReportArgs:
     panel: str = "scaling.wd"  # dotted key(s), comma-separated, with one panel per value
     average: list[str] = field(default_factory=lambda: ["seed"])  # keys averaged over (seeds)
     last_n: int = 100  # final loss = mean training loss over the last N steps (the paper: 100)
-    base_dim: int = 0  # width of multiplier m = 1 (0: scaling.base_dim of the runs, else the smallest width)
+    base_dim: int = (
+        0  # line value of m = 1 (0: the runs' scaling.base_dim / base_depth / base_batch, else the smallest)
+    )
     alignment_runs: list[str] = field(default_factory=list)  # run names whose probe metrics are plotted too
 
 
