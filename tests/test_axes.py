@@ -449,7 +449,7 @@ def test_report_multiplier_is_line_over_the_runs_base_for_depth(tmp_path):
 def test_shipped_axis_sweeps_validate():
     from lingua_wd import sweep as sw
 
-    for name, n_runs in (("depth_cpu", 24), ("batch_cpu", 24)):
+    for name, n_runs in (("depth_cpu", 60), ("batch_cpu", 84), ("batch_wd_cpu", 36)):
         args = sw.load_sweep(ROOT / "configs" / "sweeps" / f"{name}.yaml", ["dump_root=/tmp/never-written"])
         _, manifest = sw.prepare(args, ROOT / "configs" / "sweeps" / f"{name}.yaml", write=False)
         assert len(manifest["runs"]) == n_runs
