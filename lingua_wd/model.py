@@ -2,7 +2,9 @@
 fixed head_dim (n_heads = dim / head_dim), untied output, SDPA attention.
 
 Parameter names follow Meta's llama code (and the paper's figures), e.g.
-`layers.13.feed_forward.w1`, so configs and probes name layers as the paper does.
+`layers.13.feed_forward.w1`, so configs and probes name layers as the paper does. Each residual
+branch is multiplied by model.residual_mult (CompleteP's m_L^-alpha under a depth rule, filled in
+from scaling.depth at start-up; 1 otherwise, and then no multiply at all).
 """
 
 from __future__ import annotations
