@@ -480,12 +480,13 @@ class Axes:
 
 
 def run_axes(args: ScalingArgs, shape: RunShape, tokens_per_step: int) -> Axes:
-    tokens = shape.steps * tokens_per_step
+    """The run's depth, batch and training tokens against scaling.base_* (a base of 0: the run's own value)."""
+    L, B, D = shape.n_layers, shape.batch_size, shape.steps * tokens_per_step
     return Axes(
-        args.depth, shape.n_layers, args.base_depth or shape.n_layers, depth_mult(args, shape.n_layers),
-        residual_mult(args, shape.n_layers), args.batch, shape.batch_size, args.base_batch or shape.batch_size,
-        batch_mult(args, shape.batch_size), args.horizon, tokens, args.base_tokens or tokens,
-        horizon_mult(args, tokens),
+        depth=args.depth, n_layers=L, base_depth=args.base_depth or L, depth_mult=depth_mult(args, L),
+        residual_mult=residual_mult(args, L), batch=args.batch, batch_size=B, base_batch=args.base_batch or B,
+        batch_mult=batch_mult(args, B), horizon=args.horizon, tokens=D, base_tokens=args.base_tokens or D,
+        horizon_mult=horizon_mult(args, D),
     )  # fmt: skip
 
 
