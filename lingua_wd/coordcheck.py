@@ -12,7 +12,8 @@ Under muP the activations and their change stay Theta(1) as the width grows (fla
 parameterization with Adam, the hidden and output changes grow roughly like the width m, since every
 entry of dW has size ~eta and Y = W X sums fan_in of them coherently. Along depth, each block adds its
 branch to the residual stream: without a depth rule the stream and its change grow with the depth L;
-under CompleteP (branches x (L/L0)^-1) they stay flat. With only a few steps the weight decay rules barely
+under CompleteP (branches x (L/L0)^-1) the change stays flat (the stream's own RMS falls like 1/sqrt(L)
+early on: at init it sums L independent branches of size 1/L). With only a few steps the weight decay rules barely
 differ: they matter later in training (the paper's point, §3).
 Writes coordcheck.png and coordcheck.json (with the slope of log metric against log width or depth).
 """
