@@ -290,6 +290,15 @@ def test_trainer_at_depth_equals_a_model_with_the_multipliers_set_by_hand(tmp_pa
     # the hand model can tell: without the eps rule the weights end elsewhere
     wrong = train_by_hand({**HAND[depth], "eps": 1.0}, 6)[1]
     assert max((wrong[n] - params[n]).abs().max().item() for n in params) > 1e-3
+    # eval / generate load the run with its multiplier (model.residual_mult in the saved config)
+    from lingua_wd.inference import load_model
+
+    hand = Transformer(ModelArgs(dim=64, n_layers=4, head_dim=32, vocab_size=258, max_seq_len=32,
+                                 residual_mult=HAND[depth]["residual"]))  # fmt: skip
+    hand.load_state_dict(params)
+    tokens = torch.randint(0, 258, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(dump).forward(tokens), hand(tokens), rtol=1e-4, atol=1e-4)
 
 
 def test_trainer_refuses_a_residual_mult_that_is_not_the_plans(tmp_path):
