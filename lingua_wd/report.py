@@ -27,6 +27,7 @@ from lingua_wd.rundir import read_metrics
 from lingua_wd.sweep import ReportArgs, load_manifest, run_state
 
 METRICS = {"train": "final train loss (mean of last {n} steps)", "val": "final validation loss"}
+X_NAMES = {"optim.lr": ("base LR", "eta"), "optim.weight_decay": ("base weight decay", "lambda")}  # x -> plot names
 # line key -> the runs' key holding the line value of m = 1 (other numeric lines: their smallest value)
 BASE_KEYS = {
     "model.dim": "scaling.base_dim",
@@ -320,11 +321,11 @@ def plot_transfer(curves: list[Curve], analysis: dict, args: ReportArgs, d0: flo
         slope = (
             ""
             if not math.isfinite(fit["slope"])
-            else f"\nslope ln eta*/ln m = {fit['slope']:+.2f} ± {fit['sigma_grid']:.2f}"
+            else f"\nslope ln {x_names(args.x)[1]}*/ln m = {fit['slope']:+.2f} ± {fit['sigma_grid']:.2f}"
         )
         ax.set_title(f"{panel}{slope}", fontsize=10)
         _log_ticks(ax, "x", sorted({x for c in curves if c.panel == panel for x in c.xs}))
-        ax.set_xlabel(f"base LR ({args.x})")
+        ax.set_xlabel(f"{x_names(args.x)[0]} ({args.x})")
         ax.grid(alpha=0.3, which="both")
     if finite:
         lo, hi = finite[0], finite[min(len(finite) - 1, int(0.9 * len(finite)))]
@@ -337,7 +338,12 @@ def plot_transfer(curves: list[Curve], analysis: dict, args: ReportArgs, d0: flo
     plt.close(fig)
 
 
-def plot_shift(analysis: dict, path: Path, line: str = "model.dim") -> None:
+def x_names(x: str) -> tuple[str, str]:
+    """(axis label, symbol) of the swept key: base LR / eta for optim.lr, else the key's own name."""
+    return X_NAMES.get(x, (f"base {x.rsplit('.', 1)[-1]}", x.rsplit(".", 1)[-1]))
+
+
+def plot_shift(analysis: dict, path: Path, line: str = "model.dim", x: str = "optim.lr") -> None:
     """eta* against m (log-log) per panel with the fitted line; bars are +-half a grid step."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.8, 3.6))
@@ -358,8 +364,9 @@ def plot_shift(analysis: dict, path: Path, line: str = "model.dim") -> None:
     _log_ticks(ax, "x", sorted({o["m"] for p in analysis.values() for o in p["optima"] if math.isfinite(o["m"])}))
     _log_ticks(ax, "y", sorted({o["x"] for p in analysis.values() for o in p["optima"]}))
     ax.set_xlabel("width multiplier m" if line == "model.dim" else f"multiplier m = {line} / base")
-    ax.set_title("open markers: eta* at the edge of the LR grid", fontsize=9)
-    ax.set_ylabel("optimal base LR eta*")
+    label, sym = x_names(x)
+    ax.set_title(f"open markers: {sym}* at the edge of the grid", fontsize=9)
+    ax.set_ylabel(f"optimal {label} {sym}*")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -452,7 +459,7 @@ def write_report(sweep_dir: Path, out: Path, manifest: dict, results: list[RunRe
         png = f"transfer_{metric}.png"
         ylabel = METRICS[metric].format(n=args.last_n)
         plot_transfer(curves, analysis, args, d0, ylabel, out / png)
-        plot_shift(analysis, out / f"shift_{metric}.png", args.line)
+        plot_shift(analysis, out / f"shift_{metric}.png", args.line, args.x)
         md += ["", f"## {ylabel}", "", f"![{metric}]({png})", "", f"![optimum vs width](shift_{metric}.png)", ""]
         md += [
             "| panel | slope of ln eta* vs ln m | +- grid | +- residual | widths | verdict |",
