@@ -5,10 +5,10 @@ of any number of ranks (no process group needed; lingua_wd.checkpoint), renames 
 to HF's and permutes the wq / wk rows from Meta's interleaved-pair RoPE to HF's rotate_half convention
 (lingua_wd.hf), and writes config.json, model*.safetensors, the tokenizer (tokenizer.json +
 tokenizer_config.json) and lingua_wd.json (the run's config, step and rank count). The model applies
-no multiplier to activations or logits (muP here is layer-wise LR plus init, SPEC §1:
-`scaling.output_init` only changes the init), so nothing needs folding; `verify` reloads the folder
-with `AutoModelForCausalLM` and compares its logits with ours, so a future multiplier that export
-does not fold fails loudly. docs/interop.md is the user guide.
+no multiplier to logits (muP here is layer-wise LR plus init, SPEC §1: `scaling.output_init` only
+changes the init); the residual-branch multiplier of a depth rule (model.residual_mult) is folded into
+wo and w2 (lingua_wd.hf). `verify` reloads the folder with `AutoModelForCausalLM` and compares its
+logits with ours, so a multiplier that export does not fold fails loudly. docs/interop.md is the user guide.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 RoPE row order, the LlamaConfig computing the same function as our model, and the tokenizer export.
 
 Pure mappings: lingua_wd.export writes and verifies an exported folder with them, lingua_wd.inference
-reads exported folders back. The model applies no multiplier to activations or logits (muP here is a
-layer-wise LR plus init, SPEC §1), so nothing needs folding. docs/interop.md is the user guide.
+reads exported folders back. The model applies no multiplier to logits (muP here is a layer-wise LR plus
+init, SPEC §1); the one multiplier it has, model.residual_mult on every residual branch (scaling.depth),
+is folded into each branch's last linear (wo, w2), which it multiplies. docs/interop.md is the user guide.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def rope_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 # Meta name (per block: the part after `layers.{i}.`) -> HF name; wq / wk are also RoPE-permuted.
+BRANCH_OUTPUTS = ("attention.wo.weight", "feed_forward.w2.weight")  # r * wo(y) = (r wo)(y): residual_mult folds here
 BLOCK_NAMES = {
     "attention.wq.weight": "self_attn.q_proj.weight",
     "attention.wk.weight": "self_attn.k_proj.weight",
@@ -61,7 +63,7 @@ def _heads(args: ModelArgs, meta_name: str) -> int:
 
 
 def to_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Our state dict -> LlamaForCausalLM's (names and the RoPE row order)."""
+    """Our state dict -> LlamaForCausalLM's (names, the RoPE row order, the residual multiplier folded)."""
     out = {}
     for name, t in sd.items():
         if name in TOP_NAMES:
@@ -70,12 +72,14 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, 
         _, i, rest = name.split(".", 2)
         if rest in ("attention.wq.weight", "attention.wk.weight"):
             t = rope_permute(t, _heads(args, rest))
+        if rest in BRANCH_OUTPUTS and args.residual_mult not in (0.0, 1.0):
+            t = t * args.residual_mult
         out[f"model.layers.{i}.{BLOCK_NAMES[rest]}"] = t
     return out
 
 
 def from_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """LlamaForCausalLM's state dict -> ours (the inverse of to_hf_state_dict)."""
+    """LlamaForCausalLM's state dict -> ours (the inverse of to_hf_state_dict for a model of these args)."""
     top = {v: k for k, v in TOP_NAMES.items()}
     block = {v: k for k, v in BLOCK_NAMES.items()}
     out = {}
@@ -87,6 +91,8 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
         meta = block[rest]
         if meta in ("attention.wq.weight", "attention.wk.weight"):
             t = rope_unpermute(t, _heads(args, meta))
+        if meta in BRANCH_OUTPUTS and args.residual_mult not in (0.0, 1.0):
+            t = t / args.residual_mult
         out[f"layers.{i}.{meta}"] = t
     return out
 

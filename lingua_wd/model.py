@@ -2,7 +2,9 @@
 fixed head_dim (n_heads = dim / head_dim), untied output, SDPA attention.
 
 Parameter names follow Meta's llama code (and the paper's figures), e.g.
-`layers.13.feed_forward.w1`, so configs and probes name layers as the paper does.
+`layers.13.feed_forward.w1`, so configs and probes name layers as the paper does. Each residual
+branch is multiplied by model.residual_mult (CompleteP's m_L^-alpha under a depth rule, filled in
+from scaling.depth at start-up; 1 otherwise, and then no multiply at all).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class ModelArgs:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base
     max_seq_len: int = 0  # RoPE table length (0: data.seq_len)
+    residual_mult: float = 0.0  # each residual branch x this (0: scaling.depth's (L/L0)^-alpha, set at start-up)
 
     @property
     def n_heads(self) -> int:
@@ -54,6 +57,11 @@ def check_model_args(args: ModelArgs) -> None:
     check(args.vocab_size >= 0, "model.vocab_size", f"must be >= 0, got {args.vocab_size}")
     check(args.norm_eps > 0, "model.norm_eps", f"must be positive, got {args.norm_eps}")
     check(args.rope_theta > 0, "model.rope_theta", f"must be positive, got {args.rope_theta}")
+    check(
+        args.residual_mult >= 0,
+        "model.residual_mult",
+        f"must be >= 0 (0: from scaling.depth), got {args.residual_mult}",
+    )
     if args.n_kv_heads is not None:
         check(
             args.n_kv_heads > 0 and args.n_heads % args.n_kv_heads == 0,
@@ -131,10 +139,15 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.ffn_mult * args.dim)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.residual_mult = args.residual_mult or 1.0  # CompleteP Table 1: X + m_L^-alpha MHA(LN(X)), same for MLP
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = x + self.branch(self.attention(self.attention_norm(x), rope))
+        return h + self.branch(self.feed_forward(self.ffn_norm(h)))
+
+    def branch(self, y: torch.Tensor) -> torch.Tensor:
+        """A residual branch's output times the multiplier (no op at 1: the same numbers, bit for bit)."""
+        return y if self.residual_mult == 1.0 else self.residual_mult * y
 
 
 class Transformer(nn.Module):
@@ -201,6 +214,14 @@ def _copy_full_(p: torch.Tensor, full: torch.Tensor) -> None:
         full = chunks[rank] if rank < len(chunks) else full[:0]
         p = p.to_local()
     p.copy_(full.to(p.device, p.dtype))
+
+
+def block_params(args: ModelArgs) -> int:
+    """Parameters of the transformer blocks (no embedding, no output layer, no final norm): the N of the
+    fitted timescale law tau_epoch = c (D/N)^k (scaling.tau_law), from the shape alone."""
+    q_and_o = 2 * args.dim * args.n_heads * args.head_dim
+    k_and_v = 2 * args.dim * args.kv_heads * args.head_dim
+    return args.n_layers * (q_and_o + k_and_v + 3 * args.ffn_mult * args.dim * args.dim + 2 * args.dim)
 
 
 def count_params(model: nn.Module, blocks_and_output: bool = False) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +25,15 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from lingua_wd.args import check, check_choice, one_of
-from lingua_wd.model import ModelArgs, check_model_args
+from lingua_wd.args import ConfigError, check, check_choice, one_of
+from lingua_wd.model import ModelArgs, block_params, check_model_args
 from lingua_wd.muon import ADJUST_LR, NS_DTYPES, CombinedOptimizer, Muon
 from lingua_wd.scaling import (
     CLASSES,
     DECAY_RULES,
     MuonSpec,
     Plan,
+    RunShape,
     ScalingArgs,
     check_scaling_args,
     fans,
@@ -51,7 +53,7 @@ class OptimArgs:
     weight_decay: float = 0.1  # lambda_base; per step torch decays eta_t lambda, decoupled lambda schedule(t)
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
-    eps: float = 1e-8  # AdamW epsilon
+    eps: float = 1e-8  # AdamW epsilon eps_base (scaling.depth scales it in the residual blocks)
     clip: float = 1.0  # global grad-norm clip (0 = off)
     fused: Optional[bool] = None  # fused AdamW kernel (None: on CUDA only)
     variant: str = one_of("torch", lambda: VARIANTS)  # AdamW torch (Alg. 1), decoupled (L&H); muon: + AdamW
@@ -137,19 +139,48 @@ def muon_spec(args: OptimArgs) -> Optional[MuonSpec]:
 
 
 def check_plan_args(
-    model: ModelArgs, optim: OptimArgs, schedule: ScheduleArgs, scaling: ScalingArgs, steps: int, tokens_per_step: int
+    model: ModelArgs,
+    optim: OptimArgs,
+    schedule: ScheduleArgs,
+    scaling: ScalingArgs,
+    steps: int,
+    tokens_per_step: int,
+    batch_size: int = 0,
 ) -> Plan:
     """Every check of the keys the width plan reads, as the trainer runs them (and every command that
-    shares those keys); returns the plan."""
+    shares those keys); returns the plan. batch_size: data.batch_size (scaling.base_batch compares with it)."""
     check_model_args(model)
     check_optim_args(optim)
     check_schedule_args(schedule, steps)
     check_scaling_args(scaling)
-    return plan(scaling, model.dim, optim.lr, optim.weight_decay, optim.variant, tokens_per_step, muon_spec(optim))
+    p = model_plan(model, optim, scaling, steps, tokens_per_step, batch_size)
+    check_residual_mult(model, p)
+    return p
+
+
+def model_plan(
+    model: ModelArgs, optim: OptimArgs, scaling: ScalingArgs, steps: int, tokens_per_step: int, batch_size: int
+) -> Plan:
+    """The plan of a model of this shape trained for `steps` steps of `batch_size` sequences."""
+    shape = RunShape(model.n_layers, batch_size, steps, block_params(model))
+    return plan(
+        scaling, model.dim, optim.lr, optim.weight_decay, optim.variant, tokens_per_step, shape, optim.eps,
+        muon=muon_spec(optim),
+    )  # fmt: skip
+
+
+def check_residual_mult(model: ModelArgs, p: Plan) -> None:
+    """model.residual_mult is the plan's (0: not filled in yet); any other value would train another model."""
+    check(
+        model.residual_mult == 0 or math.isclose(model.residual_mult, p.residual_mult, rel_tol=1e-12),
+        "model.residual_mult",
+        f"{model.residual_mult:g} differs from scaling.depth's {p.residual_mult:g} at n_layers={model.n_layers} "
+        "(it is derived: leave it 0)",
+    )
 
 
 def make_adamw(groups: list[dict], args: OptimArgs, on_cuda: bool) -> torch.optim.Optimizer:
-    """AdamW of `args.variant` over ready-made groups (each with lr, initial_lr, weight_decay)."""
+    """AdamW of `args.variant` over ready-made groups (each with lr, initial_lr, weight_decay, eps)."""
     fused = on_cuda if args.fused is None else args.fused
     return VARIANTS[args.variant](groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, fused=fused)
 
@@ -173,8 +204,8 @@ def make_optimizer(groups: list[dict], args: OptimArgs, on_cuda: bool) -> torch.
 def param_groups(model: nn.Module, p: Plan, classes: dict[str, str]) -> tuple[list[dict], list[dict], list[dict]]:
     """The plan's classes with the model's parameters attached: (optimizer groups, one table row per
     group, one row per parameter). Each group carries "name", "class", "rule", "lr", "initial_lr" (peak),
-    "weight_decay" and "decay_rule" (how the optimizer applies it: scaling.DECAY_RULES); a group of a class
-    Muon updates also "optimizer": "muon" and its "adjust_lr"."""
+    "weight_decay", "eps" and "decay_rule" (how the optimizer applies it: scaling.DECAY_RULES); a group of a
+    class Muon updates also "optimizer": "muon" and its "adjust_lr"."""
     named = dict(model.named_parameters())
     groups, rows, prows = [], [], []
     for cls, cp in p.classes.items():
@@ -183,8 +214,8 @@ def param_groups(model: nn.Module, p: Plan, classes: dict[str, str]) -> tuple[li
             continue
         muon = cp.optimizer == "muon"
         name = f"{cls}/{p.rule}" + ("/muon" if muon else "")
-        group = {"params": [named[n] for n in names], "name": name, "class": cls, "rule": p.rule,
-                 "lr": cp.lr, "initial_lr": cp.lr, "weight_decay": cp.weight_decay, "decay_rule": cp.decay_rule}  # fmt: skip
+        group = {"params": [named[n] for n in names], "name": name, "class": cls, "rule": p.rule, "lr": cp.lr,
+                 "initial_lr": cp.lr, "weight_decay": cp.weight_decay, "eps": cp.eps, "decay_rule": cp.decay_rule}  # fmt: skip
         if muon:
             _check_muon_shapes(cls, {n: named[n] for n in names})
             group.update(optimizer="muon", adjust_lr=cp.adjust_lr)
@@ -217,13 +248,21 @@ def build_optimizer(
     total_steps: int,
     tokens_per_step: int,
     dump_dir: str | None = None,
+    batch_size: int = 0,
 ) -> tuple[torch.optim.Optimizer, LambdaLR]:
     """AdamW (or Muon + AdamW) with one named group per class of the width plan and a LambdaLR with one
     factor per group.
 
-    With dump_dir (rank 0), logs the start-up table and writes <dump_dir>/param_groups.json.
+    With dump_dir (rank 0), logs the start-up table and writes <dump_dir>/param_groups.json. batch_size:
+    data.batch_size (scaling.base_batch compares with it). The model must have the plan's residual
+    multiplier (model.residual_mult), so that the forward and the optimizer follow one depth rule.
     """
-    p = plan(scaling, model.args.dim, optim.lr, optim.weight_decay, optim.variant, tokens_per_step, muon_spec(optim))
+    p = model_plan(model.args, optim, scaling, total_steps, tokens_per_step, batch_size)
+    if not math.isclose(model.args.residual_mult or 1.0, p.residual_mult, rel_tol=1e-12):
+        raise ConfigError(
+            f"model.residual_mult: the model's residual branches are x{model.args.residual_mult or 1.0:g}, the plan's "
+            f"(scaling.depth={scaling.depth} at n_layers={model.args.n_layers}) x{p.residual_mult:g}"
+        )
     groups, rows, prows = param_groups(model, p, param_classes(model, scaling))
     opt = make_optimizer(groups, optim, next(model.parameters()).device.type == "cuda")
     groups = opt.param_groups  # the optimizer's order (AdamW groups first under variant=muon)
@@ -249,8 +288,8 @@ def _fmt(x) -> str:
     return f"{x:.3g}" if isinstance(x, float) else str(x)
 
 
-TABLE_COLUMNS = ["name", "n_params", "fan_in", "init_std", "lr", "weight_decay", "lr_mult", "wd_mult",
-                 "eta_lambda", "tau_iter", "tau_epoch", "eq_rms", "extra_warmup"]  # fmt: skip
+TABLE_COLUMNS = ["name", "n_params", "fan_in", "init_std", "lr", "weight_decay", "eps", "lr_mult", "wd_mult",
+                 "eps_mult", "eta_lambda", "tau_iter", "tau_epoch", "eq_rms", "extra_warmup"]  # fmt: skip
 
 
 def format_table(rows: list[dict], columns: list[str] = TABLE_COLUMNS) -> str:

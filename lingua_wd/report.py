@@ -1,9 +1,9 @@
 """LR-transfer report of a sweep: `lingua-wd report SWEEP_DIR [key=value ...]`.
 
 For every run: the final training loss (mean over the last N steps, as the paper reports it, App. G.3)
-and the last validation loss. Then, per panel (WD mode) and line (width): loss against base LR with the
-optimum marked (Figure 1 of the paper), and how the optimum moves with the width multiplier m: the slope
-of ln eta* against ln m. A slope of 0 means the LR transfers. The optimum is only known to within the
+and the last validation loss. Then, per panel (WD mode) and line (width, or any numeric key: depth, batch,
+steps): loss against base LR with the optimum marked (Figure 1 of the paper), and how the optimum moves
+with the multiplier m = line / base: the slope of ln eta* against ln m. A slope of 0 means the LR transfers. The optimum is only known to within the
 grid: a grid step of Delta in ln eta gives each eta* an error uniform over +-Delta/2, i.e. a standard
 deviation of Delta/sqrt(12), which propagates to the slope as Delta/sqrt(12) / sqrt(sum (ln m - mean)^2).
 Writes report.md, report.json and PNG figures into the sweep dir (or `out_dir`).
@@ -27,6 +27,13 @@ from lingua_wd.rundir import RunDir, read_metrics
 from lingua_wd.sweep import ReportArgs, load_manifest, run_state
 
 METRICS = {"train": "final train loss (mean of last {n} steps)", "val": "final validation loss"}
+X_NAMES = {"optim.lr": ("base LR", "eta"), "optim.weight_decay": ("base weight decay", "lambda")}  # x -> plot names
+# line key -> the runs' key holding the line value of m = 1 (other numeric lines: their smallest value)
+BASE_KEYS = {
+    "model.dim": "scaling.base_dim",
+    "model.n_layers": "scaling.base_depth",
+    "data.batch_size": "scaling.base_batch",
+}
 
 
 @dataclass
@@ -202,12 +209,14 @@ def fit_shift(ms: list[float], etas: list[float], step: float) -> dict:
 
 
 def base_width(results: list[RunResult], args: ReportArgs, sweep_dir: Path, manifest: dict) -> float:
-    """d0 of m = d / d0: report.base_dim, else the runs' scaling.base_dim, else the smallest width."""
+    """The line value of m = 1 (d0 of m = d / d0 for widths): report.base_dim, else the runs' base of the line's
+    axis (BASE_KEYS: scaling.base_dim, base_depth, base_batch), else the smallest line value."""
     if args.base_dim > 0:
         return float(args.base_dim)
     dims = set()
-    for run in manifest["runs"]:
-        d = run_values(sweep_dir, run, ["scaling.base_dim"])["scaling.base_dim"]
+    key = BASE_KEYS.get(args.line)
+    for run in manifest["runs"] if key else []:
+        d = run_values(sweep_dir, run, [key])[key]
         if isinstance(d, (int, float)) and d > 0:
             dims.add(float(d))
     if len(dims) == 1:
@@ -235,15 +244,16 @@ def analyse(curves: list[Curve], d0: float) -> dict[str, dict]:
     return out
 
 
-def verdict(fit: dict, any_edge: bool) -> str:
+def verdict(fit: dict, any_edge: bool, line: str = "model.dim") -> str:
     """Judged against the grid uncertainty alone: with few widths the residual error is itself too noisy."""
     s, sg = fit["slope"], fit["sigma_grid"]
+    axis = "width" if line == "model.dim" else line
     if not math.isfinite(s):
-        return "needs two widths"
+        return "needs two widths" if axis == "width" else f"needs two values of {axis}"
     text = (
         "transfers (slope within 2 sigma_grid of 0)"
         if abs(s) <= 2 * sg
-        else "shifts with width (slope beyond 2 sigma_grid)"
+        else f"shifts with {axis} (slope beyond 2 sigma_grid)"
     )
     return text + ("; an optimum is at the grid edge" if any_edge else "")
 
@@ -311,11 +321,11 @@ def plot_transfer(curves: list[Curve], analysis: dict, args: ReportArgs, d0: flo
         slope = (
             ""
             if not math.isfinite(fit["slope"])
-            else f"\nslope ln eta*/ln m = {fit['slope']:+.2f} ± {fit['sigma_grid']:.2f}"
+            else f"\nslope ln {x_names(args.x)[1]}*/ln m = {fit['slope']:+.2f} ± {fit['sigma_grid']:.2f}"
         )
         ax.set_title(f"{panel}{slope}", fontsize=10)
         _log_ticks(ax, "x", sorted({x for c in curves if c.panel == panel for x in c.xs}))
-        ax.set_xlabel(f"base LR ({args.x})")
+        ax.set_xlabel(f"{x_names(args.x)[0]} ({args.x})")
         ax.grid(alpha=0.3, which="both")
     if finite:
         lo, hi = finite[0], finite[min(len(finite) - 1, int(0.9 * len(finite)))]
@@ -328,7 +338,12 @@ def plot_transfer(curves: list[Curve], analysis: dict, args: ReportArgs, d0: flo
     plt.close(fig)
 
 
-def plot_shift(analysis: dict, path: Path) -> None:
+def x_names(x: str) -> tuple[str, str]:
+    """(axis label, symbol) of the swept key: base LR / eta for optim.lr, else the key's own name."""
+    return X_NAMES.get(x, (f"base {x.rsplit('.', 1)[-1]}", x.rsplit(".", 1)[-1]))
+
+
+def plot_shift(analysis: dict, path: Path, line: str = "model.dim", x: str = "optim.lr") -> None:
     """eta* against m (log-log) per panel with the fitted line; bars are +-half a grid step."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.8, 3.6))
@@ -348,9 +363,10 @@ def plot_shift(analysis: dict, path: Path) -> None:
             ax.plot(ms, [math.exp(fit["intercept"]) * m ** fit["slope"] for m in ms], "-", color=color, lw=1)
     _log_ticks(ax, "x", sorted({o["m"] for p in analysis.values() for o in p["optima"] if math.isfinite(o["m"])}))
     _log_ticks(ax, "y", sorted({o["x"] for p in analysis.values() for o in p["optima"]}))
-    ax.set_xlabel("width multiplier m")
-    ax.set_title("open markers: eta* at the edge of the LR grid", fontsize=9)
-    ax.set_ylabel("optimal base LR eta*")
+    ax.set_xlabel("width multiplier m" if line == "model.dim" else f"multiplier m = {line} / base")
+    label, sym = x_names(x)
+    ax.set_title(f"open markers: {sym}* at the edge of the grid", fontsize=9)
+    ax.set_ylabel(f"optimal {label} {sym}*")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -429,7 +445,7 @@ def write_report(sweep_dir: Path, out: Path, manifest: dict, results: list[RunRe
     md = [f"# LR transfer: sweep `{manifest['name']}`", ""]
     md.append(f"{len(results)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(states.items())) + ".")
     md.append(
-        f"Width multiplier m = {args.line} / {d0:g}. Final train loss = mean training loss of the last {args.last_n} "
+        f"Multiplier m = {args.line} / {d0:g}. Final train loss = mean training loss of the last {args.last_n} "
         "steps (the paper's measure); val = last validation loss. Unfinished runs are left out (`...`); diverged runs "
         "(a non-finite loss) are marked x / `div` and never count as an optimum. The slope of ln eta* against ln m is "
         "0 when the optimal base LR transfers; its `+- grid` is the error from locating eta* on the grid alone."
@@ -443,7 +459,7 @@ def write_report(sweep_dir: Path, out: Path, manifest: dict, results: list[RunRe
         png = f"transfer_{metric}.png"
         ylabel = METRICS[metric].format(n=args.last_n)
         plot_transfer(curves, analysis, args, d0, ylabel, out / png)
-        plot_shift(analysis, out / f"shift_{metric}.png")
+        plot_shift(analysis, out / f"shift_{metric}.png", args.line, args.x)
         md += ["", f"## {ylabel}", "", f"![{metric}]({png})", "", f"![optimum vs width](shift_{metric}.png)", ""]
         md += [
             "| panel | slope of ln eta* vs ln m | +- grid | +- residual | widths | verdict |",
@@ -452,7 +468,7 @@ def write_report(sweep_dir: Path, out: Path, manifest: dict, results: list[RunRe
         for panel, p in sorted(analysis.items()):
             f = p["fit"]
             md.append(
-                f"| {panel} | {_f(f['slope'], '+.3f')} | {_f(f['sigma_grid'], '.3f')} | {_f(f['sigma_resid'], '.3f')} | {f['n']} | {verdict(f, p['any_edge'])} |"
+                f"| {panel} | {_f(f['slope'], '+.3f')} | {_f(f['sigma_grid'], '.3f')} | {_f(f['sigma_resid'], '.3f')} | {f['n']} | {verdict(f, p['any_edge'], args.line)} |"
             )
         md += [
             "",

@@ -1,5 +1,5 @@
 """The width plan: the one place that knows how every parameter class's hyperparameters follow the
-model's shape (SPEC §1-§2).
+model's shape and the run's length (SPEC §1-§2, and beyond width: depth, batch size, horizon).
 
 A model of width d = model.dim is trained with hyperparameters tuned at a base (proxy) width d0;
 m = d / d0. Parameters fall into classes by first-match name patterns (App. G.2): the "matrix-like"
@@ -10,11 +10,16 @@ are not. A rule is one row per axis, each row citing its paper and equation:
 - DECAY_RULES (`optim.variant`): how the optimizer applies lambda in each step;
 - MUON_RULES (`optim.muon_adjust_lr`, with `optim.variant=muon`): the LR width rule of the classes Muon
   updates (the spectral condition) and the size of its update (docs/scaling.md, "Muon").
+- DEPTH_RULES (`scaling.depth`): how the residual branches, LR and AdamW eps follow m_L = L / L0
+  (CompleteP, Dey et al. 2025, Table 1);
+- BATCH_RULES (`scaling.batch`) and HORIZON_RULES (`scaling.horizon`): how eta and lambda follow the
+  batch B / B0 and the training tokens D / D0 (Malladi et al. 2022; [003], Bergsma et al. 2025).
 `plan()` composes the rows into a Plan with one ClassPlan per class (peak LR, weight decay, decay per
-step as the optimizer applies it, init std as a function of the shape, eta*lambda, tau_iter,
-tau_epoch, equilibrium RMS); everything else reads it: the optimizer attaches parameters to it
-(optim.param_groups), init asks it (init_std_fn), the transfer command loops it over widths, the
-probes read each group's decay (group_decay), and <dump_dir>/param_groups.json is its dump.
+step as the optimizer applies it, AdamW eps, init std as a function of the shape, eta*lambda, tau_iter,
+tau_epoch, equilibrium RMS) and the residual-branch multiplier; everything else reads it: the
+optimizer attaches parameters to it (optim.param_groups), init asks it (init_std_fn), the model's
+forward takes its residual multiplier, the transfer command loops it over targets, the probes read
+each group's decay (group_decay), and <dump_dir>/param_groups.json is its dump.
 Equation numbers are those of Kosson et al. (seeds/002) unless marked [003] (Wang & Aitchison,
 AdamW as an EMA) or [001] (layerwise sqrt(d) rule).
 """
@@ -57,6 +62,13 @@ class ScalingArgs:
     extra_warmup_frac: float = 0.5  # exp: T_W as a fraction of the run (paper's exp50: 0.5)
     extra_warmup_classes: list[str] = field(default_factory=list)  # classes it applies to ([]: all, App. G.3.5)
     output_init: str = one_of("sp", lambda: OUTPUT_INITS)  # output std 1/sqrt(fan_in), mup: 1/sqrt(fan_in m) ~ 1/C
+    depth: str = one_of("none", lambda: DEPTH_RULES)  # residual branches, LR and eps vs m_L = L/L0 (DEPTH_RULES)
+    base_depth: int = 0  # L0, the depth the hyperparameters were tuned at; m_L = model.n_layers / L0 (0: m_L = 1)
+    batch: str = one_of("none", lambda: BATCH_RULES)  # how eta and lambda follow B/B0 (BATCH_RULES)
+    base_batch: int = 0  # B0, the data.batch_size the hyperparameters were tuned at (0: B/B0 = 1)
+    horizon: str = one_of("none", lambda: HORIZON_RULES)  # how lambda follows D/D0, D = training tokens
+    base_tokens: int = 0  # D0, the training tokens (steps x tokens per step) of the tuned run (0: D/D0 = 1)
+    tau_law: list[float] = field(default_factory=list)  # wd=timescale: [c, k], tau_epoch = c (D/N)^k (Power Lines)
 
     RENAMED: ClassVar[dict[str, str]] = {"mode": "width", "wd_mode": "wd"}  # refused with the new name
 
@@ -118,6 +130,59 @@ DECAY_RULES: dict[str, DecayRule] = {
 MUON_ADAMW_RULE = "torch"  # optim.variant=muon: the classes Muon does not take get PyTorch's AdamW (Alg. 1)
 # output init: std 1/sqrt(fan_in m ** exp); mup is full muP's readout ~ 1/C, equal to sp at the base width
 OUTPUT_INITS: dict[str, float] = {"sp": 0.0, "mup": 1.0}
+
+# ----- beyond width: depth, batch size, training horizon (one row per rule; each axis a ratio to its base)
+
+# CompleteP Table 1 (Dey et al. 2025, arXiv 2505.01618; EleutherAI/nanoGPT-mup, branch completep): the
+# depth terms touch only the parameters inside the residual blocks: the pre-LN gains ("Pre-LN LR"), the
+# hidden linears and their biases. The embedding, the final norm and the unembedding keep eta_base and
+# eps_base. Our `gain` class holds the final norm's gain too (one vector of d): it takes the pre-LN row.
+RESIDUAL_CLASSES = ("hidden", "gain", "bias")
+
+
+@dataclass(frozen=True)
+class DepthRule:
+    """Table 1's alpha column at m_L = L / L0 (AdamW): each residual branch x m_L^-alpha, the residual
+    classes' LR x m_L^(alpha - 1) and AdamW eps x m_L^-alpha; init and weight decay have no depth term.
+    alpha None: depth changes nothing."""
+
+    alpha: Optional[float]
+    source: str
+
+    def lr_exp(self, cls: str) -> float:
+        return self.alpha - 1.0 if self.alpha is not None and cls in RESIDUAL_CLASSES else 0.0
+
+    def eps_exp(self, cls: str) -> float:
+        return -self.alpha if self.alpha is not None and cls in RESIDUAL_CLASSES else 0.0
+
+
+@dataclass(frozen=True)
+class AxisRule:
+    """A rule of one more axis with ratio r (B/B0 or D/D0): every class's eta x r^lr_exp and every decayed
+    class's lambda x r^wd_exp (the weight decay of each class, so each keeps its tau_epoch)."""
+
+    lr_exp: float
+    wd_exp: float
+    timescale: bool  # keeps tau_epoch = B / (eta lambda D): scaling.wd=timescale fixes it already
+    source: str
+
+
+DEPTH_RULES: dict[str, DepthRule] = {
+    "none": DepthRule(None, "baseline: residual branches x 1, no depth term (Table 1, SP / muP columns)"),
+    "depth_mup": DepthRule(0.5, "CompleteP Table 1, alpha = 1/2 (depth-muP of Bordelon et al. 2023, Yang et al. 2023)"),
+    "completep": DepthRule(1.0, "CompleteP Table 1, alpha = 1 (Dey et al. 2025, arXiv 2505.01618)"),
+}  # fmt: skip
+BATCH_RULES: dict[str, AxisRule] = {
+    "none": AxisRule(0.0, 0.0, False, "baseline: (eta, lambda) kept as the batch changes"),
+    "sqrt": AxisRule(0.5, 0.0, False, "Malladi et al. 2022 (square-root scaling rule for Adam): eta ~ sqrt(B/B0)"),
+    "timescale": AxisRule(0.0, 1.0, True, "[003] eq 8, Bergsma et al. 2025 (Power Lines): tau_epoch = B/(eta lambda D) "
+                          "kept, lambda ~ B at fixed eta, D"),
+}  # fmt: skip
+HORIZON_RULES: dict[str, AxisRule] = {
+    "none": AxisRule(0.0, 0.0, False, "baseline: (eta, lambda) kept as the training tokens change"),
+    "timescale": AxisRule(0.0, -1.0, True, "[003] §4.2, eq 8: tau_epoch kept as the data grow, lambda ~ 1/D at "
+                          "fixed eta, B"),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -194,6 +259,47 @@ def width_mult(args: ScalingArgs, dim: int) -> float:
     return dim / (args.base_dim or dim)
 
 
+@dataclass(frozen=True)
+class RunShape:
+    """The run's values the axes beyond width compare with their bases (0: not given; an axis whose base is
+    set then fails loudly rather than take a ratio of 1)."""
+
+    n_layers: int = 0  # L = model.n_layers
+    batch_size: int = 0  # B = data.batch_size (sequences per step)
+    steps: int = 0  # optimizer steps; the training tokens D = steps x tokens per step
+    n_params: int = 0  # N of the fitted law tau_epoch = c (D/N)^k: the blocks' parameters (model.block_params)
+
+
+def _ratio(value: float, base: float, key: str) -> float:
+    if not base:
+        return 1.0
+    if not value:
+        raise ValueError(f"{key} is set, but the plan was not given the run's value to compare it with")
+    return value / base
+
+
+def depth_mult(args: ScalingArgs, n_layers: int) -> float:
+    """m_L = L / L0 (1 when base_depth is 0)."""
+    return _ratio(n_layers, args.base_depth, "scaling.base_depth")
+
+
+def batch_mult(args: ScalingArgs, batch_size: int) -> float:
+    """B / B0 (1 when base_batch is 0)."""
+    return _ratio(batch_size, args.base_batch, "scaling.base_batch")
+
+
+def horizon_mult(args: ScalingArgs, tokens: int) -> float:
+    """D / D0, D the training tokens (1 when base_tokens is 0)."""
+    return _ratio(tokens, args.base_tokens, "scaling.base_tokens")
+
+
+def residual_mult(args: ScalingArgs, n_layers: int) -> float:
+    """CompleteP Table 1: each residual branch is multiplied by m_L^-alpha (1 at the base depth and without a
+    depth rule; Transformer's forward takes it as model.residual_mult)."""
+    alpha = DEPTH_RULES[args.depth].alpha
+    return 1.0 if alpha is None else depth_mult(args, n_layers) ** -alpha
+
+
 def parse_patterns(patterns: list[str]) -> list[tuple[str, str]]:
     """["class:glob", ...] -> [(glob, class), ...], checked."""
     out = []
@@ -262,27 +368,76 @@ def check_scaling_args(args: ScalingArgs) -> None:
     if WD_RULES[args.wd].timescale:
         check(args.tau_iter >= 0 and args.tau_epoch >= 0, "scaling.tau_iter", "timescales must be >= 0")
         check(
-            args.tau_iter > 0 or (args.tau_epoch > 0 and args.dataset_tokens > 0),
+            args.tau_iter > 0 or (args.tau_epoch > 0 and args.dataset_tokens > 0) or bool(args.tau_law),
             "scaling.tau_iter",
-            "timescale needs tau_iter > 0, or tau_epoch > 0 with dataset_tokens > 0",
+            "timescale needs tau_iter > 0, or tau_epoch > 0 with dataset_tokens > 0, or tau_law",
+        )
+    check_axis_args(args)
+
+
+def check_axis_args(args: ScalingArgs) -> None:
+    """The keys of the axes beyond width: depth, batch, horizon and the fitted timescale law."""
+    for key, table in (("depth", DEPTH_RULES), ("batch", BATCH_RULES), ("horizon", HORIZON_RULES)):
+        check_choice(getattr(args, key), f"scaling.{key}", table)
+    for key in ("base_depth", "base_batch", "base_tokens"):
+        check(getattr(args, key) >= 0, f"scaling.{key}", f"must be >= 0, got {getattr(args, key)}")
+    for key, table in (("batch", BATCH_RULES), ("horizon", HORIZON_RULES)):
+        check(
+            not (table[getattr(args, key)].timescale and WD_RULES[args.wd].timescale),
+            f"scaling.{key}",
+            f"{getattr(args, key)} keeps tau_epoch, which scaling.wd=timescale fixes already (its lambda follows "
+            "B and D through M = dataset_tokens / tokens per step): drop one of them",
+        )
+    if args.tau_law:
+        check(
+            len(args.tau_law) == 2 and args.tau_law[0] > 0,
+            "scaling.tau_law",
+            f"expected [c, k] with c > 0 (tau_epoch = c (D/N)^k), got {list(args.tau_law)}",
+        )
+        check(
+            WD_RULES[args.wd].timescale, "scaling.tau_law", "the fitted law sets the timescale of scaling.wd=timescale"
+        )
+        check(
+            args.tau_iter <= 0 and args.tau_epoch <= 0,
+            "scaling.tau_law",
+            "give the timescale once: tau_law, or tau_epoch, or tau_iter",
         )
 
 
-def iters_per_epoch(args: ScalingArgs, tokens_per_step: int) -> Optional[float]:
-    """M of [003] eq 8 (None when dataset_tokens or the tokens per step are unknown)."""
+def iters_per_epoch(args: ScalingArgs, tokens_per_step: int, steps: int = 0) -> Optional[float]:
+    """M of [003] eq 8 (None when dataset_tokens or the tokens per step are unknown). Under the fitted law
+    without dataset_tokens the run is one epoch (Power Lines' single-epoch tau): M = steps."""
     if args.dataset_tokens > 0 and tokens_per_step > 0:
         return theory.iters_per_epoch(args.dataset_tokens, tokens_per_step)
+    if args.tau_law and steps > 0:
+        return float(steps)
     return None
 
 
-def target_tau_iter(args: ScalingArgs, tokens_per_step: int) -> float:
-    """The timescale rule's tau_iter: given directly, or tau_epoch * M ([003] eq 8)."""
+def law_tau_epoch(args: ScalingArgs, tokens: float, n_params: int) -> float:
+    """Bergsma et al. 2025 (Power Lines): the optimal tau_epoch = c (D/N)^k at D tokens and N parameters, with
+    the user's fitted c, k (N: the blocks' parameters, model.block_params)."""
+    c, k = args.tau_law
+    return c * (tokens / n_params) ** k
+
+
+def target_tau_iter(args: ScalingArgs, tokens_per_step: int, shape: Optional[RunShape] = None) -> float:
+    """The timescale rule's tau_iter: given directly, or tau_epoch * M ([003] eq 8), tau_epoch given or from
+    the fitted law at D = M x tokens per step (dataset_tokens, else the run's training tokens)."""
     if args.tau_iter > 0:
         return args.tau_iter
-    M = iters_per_epoch(args, tokens_per_step)
-    if args.tau_epoch <= 0 or M is None:
-        raise ConfigError("scaling.tau_iter: timescale needs tau_iter > 0, or tau_epoch > 0 with dataset_tokens > 0")
-    return args.tau_epoch * M
+    shape = shape or RunShape()
+    M = iters_per_epoch(args, tokens_per_step, shape.steps)
+    tau_epoch = args.tau_epoch
+    if args.tau_law and M is not None:
+        if not shape.n_params:
+            raise ValueError("scaling.tau_law is set, but the plan was not given the model's parameter count")
+        tau_epoch = law_tau_epoch(args, M * tokens_per_step, shape.n_params)
+    if tau_epoch <= 0 or M is None:
+        raise ConfigError(
+            "scaling.tau_iter: timescale needs tau_iter > 0, or tau_epoch > 0 with dataset_tokens > 0, or tau_law"
+        )
+    return tau_epoch * M
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -328,6 +483,8 @@ class ClassPlan:
     optimizer: str = "adamw"  # "muon" for the classes Muon updates (optim.variant=muon)
     adjust_lr: str = ""  # Muon only: its LR adjustment (MUON_RULES)
     update_rms: float = 1.0  # RMS of one update per unit LR on a d x d matrix: 1 in eq 30 (AdamW), Muon's r
+    eps: float = 1e-8  # AdamW epsilon (CompleteP Table 1: eps_base m_L^-alpha in the residual blocks)
+    eps_mult: float = 1.0  # eps / eps_base
 
     @property
     def tau_iter(self) -> Optional[float]:
@@ -355,12 +512,63 @@ class ClassPlan:
 
     def row(self) -> dict[str, Any]:
         """The columns of param_groups.json, the start-up table and the transfer table."""
-        row = {"lr": self.lr, "weight_decay": self.weight_decay, "lr_mult": self.lr_mult, "wd_mult": self.wd_mult,
-               "eta_lambda": self.decay, "tau_iter": self.tau_iter, "tau_epoch": self.tau_epoch,
-               "eq_rms": self.eq_rms, "extra_warmup": self.extra_warmup}  # fmt: skip
+        row = {"lr": self.lr, "weight_decay": self.weight_decay, "eps": self.eps, "lr_mult": self.lr_mult,
+               "wd_mult": self.wd_mult, "eps_mult": self.eps_mult, "eta_lambda": self.decay, "tau_iter": self.tau_iter,
+               "tau_epoch": self.tau_epoch, "eq_rms": self.eq_rms, "extra_warmup": self.extra_warmup}  # fmt: skip
         if self.optimizer == "muon":  # AdamW classes keep exactly their columns
             row.update(optimizer="muon", adjust_lr=self.adjust_lr, update_rms=self.update_rms)
         return row
+
+
+@dataclass(frozen=True)
+class Axes:
+    """The run against its base along the axes beyond width, with their rules (the Plan's header)."""
+
+    depth: str = "none"  # scaling.depth (DEPTH_RULES)
+    n_layers: int = 0  # L
+    base_depth: int = 0  # L0
+    depth_mult: float = 1.0  # m_L = L / L0
+    residual_mult: float = 1.0  # every residual branch x m_L^-alpha (the model's forward)
+    batch: str = "none"  # scaling.batch (BATCH_RULES)
+    batch_size: int = 0  # B
+    base_batch: int = 0  # B0
+    batch_mult: float = 1.0  # B / B0
+    horizon: str = "none"  # scaling.horizon (HORIZON_RULES)
+    tokens: int = 0  # D = steps x tokens per step
+    base_tokens: int = 0  # D0
+    horizon_mult: float = 1.0  # D / D0
+
+
+def run_axes(args: ScalingArgs, shape: RunShape, tokens_per_step: int) -> Axes:
+    """The run's depth, batch and training tokens against scaling.base_* (a base of 0: the run's own value)."""
+    L, B, D = shape.n_layers, shape.batch_size, shape.steps * tokens_per_step
+    return Axes(
+        depth=args.depth, n_layers=L, base_depth=args.base_depth or L, depth_mult=depth_mult(args, L),
+        residual_mult=residual_mult(args, L), batch=args.batch, batch_size=B, base_batch=args.base_batch or B,
+        batch_mult=batch_mult(args, B), horizon=args.horizon, tokens=D, base_tokens=args.base_tokens or D,
+        horizon_mult=horizon_mult(args, D),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AxisFactors:
+    """One class's multipliers of (eta, lambda, eps) from the axes beyond width."""
+
+    lr: float = 1.0
+    wd: float = 1.0
+    eps: float = 1.0
+
+
+def axis_factors(args: ScalingArgs, cls: str, axes: Axes) -> AxisFactors:
+    """The rows of scaling.depth, scaling.batch and scaling.horizon composed for one class, each a ratio to
+    its base raised to the row's exponent; all 1 at the base run (so nothing changes, bit for bit)."""
+    depth, batch, horizon = DEPTH_RULES[args.depth], BATCH_RULES[args.batch], HORIZON_RULES[args.horizon]
+    mL, mB, mD = axes.depth_mult, axes.batch_mult, axes.horizon_mult
+    return AxisFactors(
+        lr=mL ** depth.lr_exp(cls) * mB**batch.lr_exp * mD**horizon.lr_exp,
+        wd=mB**batch.wd_exp * mD**horizon.wd_exp,
+        eps=mL ** depth.eps_exp(cls),
+    )
 
 
 @dataclass(frozen=True)
@@ -374,6 +582,11 @@ class Plan:
     tau_iter_target: Optional[float]  # the timescale rule's tau_iter (None under other rules)
     classes: dict[str, ClassPlan]  # every class of CLASSES
     muon: Optional[MuonSpec] = None  # optim.variant=muon: the classes Muon updates
+    axes: Axes = field(default_factory=Axes)  # depth, batch, horizon against their bases
+
+    @property
+    def residual_mult(self) -> float:
+        return self.axes.residual_mult
 
     @property
     def warmup_decay(self) -> float:
@@ -382,7 +595,7 @@ class Plan:
 
     def header(self) -> dict[str, Any]:
         out = {"width_mult": self.width_mult, "dim": self.dim, "base_dim": self.base_dim, "rule": self.rule,
-               "variant": self.variant, "tau_iter_target": self.tau_iter_target}  # fmt: skip
+               "variant": self.variant, "tau_iter_target": self.tau_iter_target, **self.axes.__dict__}  # fmt: skip
         if self.muon is not None:
             out.update(muon_classes=list(self.muon.classes), muon_adjust_lr=self.muon.adjust_lr)
         return out
@@ -395,27 +608,33 @@ def plan(
     weight_decay: float,
     variant: str = "torch",
     tokens_per_step: int = 0,
+    shape: Optional[RunShape] = None,
+    eps: float = 1e-8,
     muon: Optional[MuonSpec] = None,
 ) -> Plan:
-    """Every class's hyperparameters at width `dim` from the base (eta, lambda) tuned at scaling.base_dim.
+    """Every class's hyperparameters at width `dim` (and shape's depth, batch, steps) from the base
+    (eta, lambda, eps) tuned at scaling.base_dim (base_depth, base_batch, base_tokens).
 
     tokens_per_step: data.seq_len * data.batch_size, for M = dataset_tokens / tokens per step ([003] eq 8).
     muon: with variant "muon", the classes Muon updates (the others get MUON_ADAMW_RULE's AdamW).
     """
+    shape = shape or RunShape()
     m = width_mult(args, dim)
-    tau = target_tau_iter(args, tokens_per_step) if WD_RULES[args.wd].timescale else 0.0
-    M = iters_per_epoch(args, tokens_per_step)
+    axes = run_axes(args, shape, tokens_per_step)
+    tau = target_tau_iter(args, tokens_per_step, shape) if WD_RULES[args.wd].timescale else 0.0
+    M = iters_per_epoch(args, tokens_per_step, shape.steps)
     warm = set(args.extra_warmup_classes or CLASSES)
     muon = check_muon_spec(args, variant, muon)
     rows = {}
     for cls in CLASSES:
+        f = axis_factors(args, cls, axes)
         on_muon = muon is not None and cls in muon.classes
         rule_name = "muon" if on_muon else (MUON_ADAMW_RULE if variant == "muon" else variant)
         decay = DECAY_RULES[rule_name]
         if on_muon:  # Muon's own width rule (MUON_RULES)
-            eta, lam = _muon_hparams(args, cls, m, lr, weight_decay, tau, muon)
+            eta, lam = _muon_hparams(args, cls, m, lr, weight_decay, tau, muon, f)
         else:
-            eta, lam = _class_hparams(args, cls, m, lr, weight_decay, tau, decay)
+            eta, lam = _class_hparams(args, cls, m, lr, weight_decay, tau, decay, f)
         extra = _muon_fields(muon, dim) if on_muon else {}
         rows[cls] = ClassPlan(
             cls=cls,
@@ -428,32 +647,35 @@ def plan(
             init=class_init(args, cls, m),
             extra_warmup=args.extra_warmup if cls in warm else "none",
             decay_rule=rule_name,
+            eps=eps * f.eps,
+            eps_mult=f.eps,
             **extra,
         )
     label = rule_label(args.width, args.wd)
     source = WIDTH_RULES[args.width].source if label == args.width else WD_RULES[args.wd].source
-    return Plan(label, source, m, dim, args.base_dim or dim, variant, tau or None, rows, muon)
+    return Plan(label, source, m, dim, args.base_dim or dim, variant, tau or None, rows, muon=muon, axes=axes)
 
 
 def _class_hparams(
-    args: ScalingArgs, cls: str, m: float, lr: float, wd: float, tau: float, decay: DecayRule
+    args: ScalingArgs, cls: str, m: float, lr: float, wd: float, tau: float, decay: DecayRule, f: AxisFactors
 ) -> tuple[float, float]:
-    """(peak LR, weight decay) of one class by the rows of scaling.width and scaling.wd. A frozen class
-    keeps its absolute LR at every width and is treated as not width-scaled (App. G.2)."""
+    """(peak LR, weight decay) of one class by the rows of scaling.width and scaling.wd, times the factors of
+    the other axes (f). A frozen class keeps its absolute LR (WD) at every width and is treated as not
+    width-scaled (App. G.2); the other axes still apply. A timescale rule's lambda follows the final LR."""
     rule = WD_RULES[args.wd]
     lr_exp = WIDTH_RULES[args.width].lr_exp if rule.lr_exp is None else rule.lr_exp
     scaled = cls in WIDTH_SCALED and cls not in args.frozen_lr
-    eta = args.frozen_lr.get(cls, lr * m**lr_exp if scaled else lr)
+    eta = args.frozen_lr.get(cls, lr * m**lr_exp if scaled else lr) * f.lr
     if cls not in args.decay_classes:
         lam = 0.0
     elif cls in args.frozen_wd:
-        lam = args.frozen_wd[cls]
+        lam = args.frozen_wd[cls] * f.wd
     elif rule.timescale:
         lam = decay.timescale_wd(tau, eta)
     elif not scaled:
-        lam = wd if rule.vector_wd else 0.0
+        lam = (wd if rule.vector_wd else 0.0) * f.wd
     else:
-        lam = 0.0 if rule.wd_exp is None else wd * m**rule.wd_exp
+        lam = (0.0 if rule.wd_exp is None else wd * m**rule.wd_exp) * f.wd
     return eta, lam
 
 
@@ -475,24 +697,28 @@ def check_muon_spec(args: ScalingArgs, variant: str, muon: Optional[MuonSpec]) -
     return muon
 
 
-def _muon_hparams(args: ScalingArgs, cls: str, m: float, lr: float, wd: float, tau: float, muon: MuonSpec) -> tuple:
+def _muon_hparams(
+    args: ScalingArgs, cls: str, m: float, lr: float, wd: float, tau: float, muon: MuonSpec, f: AxisFactors
+) -> tuple[float, float]:
     """(peak LR, weight decay) of a class Muon updates: under muP (a width rule that scales the LR) the
-    spectral condition's exponent of MUON_RULES, and lambda = lambda_base (eta_base / eta) ** wd_exp, which keeps
-    what each WD rule keeps (standard: lambda, independent: eta lambda); frozen classes as in _class_hparams."""
+    spectral condition's exponent of MUON_RULES, and lambda = lambda_base (eta_base / eta_width) ** wd_exp, which
+    keeps what each WD rule keeps across width (standard: lambda, independent: eta lambda); then the other
+    axes' factors f as for AdamW's classes; frozen classes as in _class_hparams."""
     rule, base = WD_RULES[args.wd], muon.lr or lr
     lr_exp = MUON_RULES[muon.adjust_lr].lr_exp if WIDTH_RULES[args.width].lr_exp else 0.0
     scaled = cls not in args.frozen_lr
-    eta = args.frozen_lr.get(cls, base * m**lr_exp)
+    eta_w = args.frozen_lr.get(cls, base * m**lr_exp)
+    eta = eta_w * f.lr
     if cls not in args.decay_classes:
         lam = 0.0
     elif cls in args.frozen_wd:
-        lam = args.frozen_wd[cls]
+        lam = args.frozen_wd[cls] * f.wd
     elif rule.timescale:
         lam = DECAY_RULES["muon"].timescale_wd(tau, eta)
     elif not scaled:
-        lam = wd if rule.vector_wd else 0.0
+        lam = (wd if rule.vector_wd else 0.0) * f.wd
     else:
-        lam = 0.0 if rule.wd_exp is None else wd * (base / eta) ** rule.wd_exp
+        lam = (0.0 if rule.wd_exp is None else wd * (base / eta_w) ** rule.wd_exp) * f.wd
     return eta, lam
 
 

@@ -86,7 +86,9 @@ class ReportArgs:
     panel: str = "scaling.wd"  # dotted key(s), comma-separated, with one panel per value
     average: list[str] = field(default_factory=lambda: ["seed"])  # keys averaged over (seeds)
     last_n: int = 100  # final loss = mean training loss over the last N steps (the paper: 100)
-    base_dim: int = 0  # width of multiplier m = 1 (0: scaling.base_dim of the runs, else the smallest width)
+    base_dim: int = (
+        0  # line value of m = 1 (0: the runs' scaling.base_dim / base_depth / base_batch, else the smallest)
+    )
     alignment_runs: list[str] = field(default_factory=list)  # run names whose probe metrics are plotted too
 
 
@@ -311,7 +313,8 @@ def resolve_with_trainer(cfg: DictConfig, run_name_: str) -> DictConfig:
 
     try:
         merged, a = load_config(cls, base=[cfg]), parse_args(cls, base=[cfg])
-        check_plan_args(a.model, a.optim, a.schedule, a.scaling, a.steps, a.data.seq_len * a.data.batch_size)
+        tokens_per_step = a.data.seq_len * a.data.batch_size
+        check_plan_args(a.model, a.optim, a.schedule, a.scaling, a.steps, tokens_per_step, a.data.batch_size)
         return merged
     except ConfigError as err:
         raise ConfigError(f"{err} (run {run_name_})") from None

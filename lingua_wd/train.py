@@ -165,11 +165,14 @@ def resolve_and_check(args: TrainArgs, world: int) -> None:
     check(
         args.model.max_seq_len >= args.data.seq_len, "model.max_seq_len", f"must be >= data.seq_len={args.data.seq_len}"
     )
-    check_plan_args(
-        args.model, args.optim, args.schedule, args.scaling, args.steps, args.data.seq_len * args.data.batch_size
+    tokens_per_step = args.data.seq_len * args.data.batch_size
+    p = check_plan_args(
+        args.model, args.optim, args.schedule, args.scaling, args.steps, tokens_per_step, args.data.batch_size
     )
     n = param_estimate(args.model) + args.model.max_seq_len * args.model.head_dim  # + the RoPE table
     check(n < MAX_ELEMENTS, "model", f"{n:,} parameters and RoPE table entries: beyond any machine")
+    if args.model.residual_mult == 0 and p.residual_mult != 1.0:  # derived, like vocab_size (0 stays 0 at 1)
+        args.model.residual_mult = p.residual_mult
     check_distributed_args(args.distributed)
     check_checkpoint_args(args.checkpoint)
     check_logging_args(args.logging)
@@ -321,6 +324,7 @@ class Trainer:
             args.steps,
             self.tokens_per_step,
             str(self.dump_dir) if env.is_main else None,
+            args.data.batch_size,
         )
         # the logged "lr" is that of the hidden matrices (the width-scaled eta_base / m under muP)
         groups = self.optimizer.param_groups

@@ -44,7 +44,7 @@ ETA, LAM, D0 = 3e-3, 0.1, 128
 
 def muon_plan(wd: str, adjust: str, dim: int = 512, width: str = "mup", lr: float = 0.0, **kw):
     args = ScalingArgs(width=width, wd=wd, base_dim=D0, **kw)
-    return plan(args, dim, ETA, LAM, "muon", 1000, MuonSpec(("hidden",), adjust, lr))
+    return plan(args, dim, ETA, LAM, "muon", 1000, muon=MuonSpec(("hidden",), adjust, lr))
 
 
 # ----- the width plan's Muon rows, by hand (d0 = 128, d = 512: m = 4) -----
@@ -129,7 +129,7 @@ def test_transfer_table_is_the_trainers_muon_plan(tmp_path, capsys):
     assert main([*keys, "transfer.widths=[256]", f"transfer.out={out}", f"transfer.plot={png}"]) == 0
     assert "Muon on hidden (eta_base=0.003, adjust_lr=match_rms_adamw)" in capsys.readouterr().out
     res = yaml.safe_load(out.read_text())
-    rules = res["widths"][256]["rules"]
+    rules = res["targets"][0]["rules"]
     assert set(rules) == {"sp", "none", "standard", "independent", "timescale"}  # sqrt, sqrt_lr: no Muon form
     table = rules["independent"]["classes"]
     assert table["hidden"]["class"] == "hidden/muon" and table["hidden"]["update_rms"] == pytest.approx(0.2)

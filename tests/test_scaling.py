@@ -231,9 +231,10 @@ def test_transfer_answers_the_users_question(tmp_path, capsys):
     argv = ["optim.lr=8e-3", "optim.weight_decay=0.1", "model.dim=128", "steps=400"]
     assert main([*argv, "transfer.widths=[128,2048]", f"transfer.out={out}", f"transfer.plot={png}"]) == 0
     text = capsys.readouterr().out
-    assert "d=2048 (m=16)" in text and "scaling.wd=independent" in text
+    assert "d=2048 L=2 B=256 D=4.194e+08, 400 steps (m=16, m_L=1" in text and "scaling.wd=independent" in text
     res = yaml.safe_load(out.read_text())
-    modes = res["widths"][2048]["rules"]
+    assert [t["dim"] for t in res["targets"]] == [128, 2048] and res["targets"][1]["width_mult"] == 16
+    modes = res["targets"][1]["rules"]
     assert set(modes) == set(rules())
     hid = {k: v["classes"]["hidden"] for k, v in modes.items()}
     assert (hid["independent"]["lr"], hid["independent"]["weight_decay"]) == pytest.approx((5e-4, 1.6))
@@ -246,7 +247,7 @@ def test_transfer_answers_the_users_question(tmp_path, capsys):
     assert (hid["sp"]["lr"], hid["sp"]["weight_decay"]) == (8e-3, 0.1)
     assert hid["timescale"]["eta_lambda"] == pytest.approx(8e-4)  # keeps the base width's tau_iter
     assert hid["sqrt_lr"]["lr"] == pytest.approx(2e-3)
-    for key, v in res["widths"][128]["rules"].items():  # at m = 1 only the WD switches differ
+    for key, v in res["targets"][0]["rules"].items():  # at m = 1 only the WD switches differ
         assert v["classes"]["hidden"]["lr"] == 8e-3, key
     assert png.stat().st_size > 10_000
 
@@ -257,7 +258,7 @@ def test_transfer_reads_the_paper_config_and_reports_errors(tmp_path, capsys):
     paper = str(ROOT / "configs" / "paper" / "llama.yaml")
     out = tmp_path / "t.yaml"
     assert main([paper, "scaling.dataset_tokens=20000000000", "transfer.widths=[2048]", f"transfer.out={out}"]) == 0
-    ind = yaml.safe_load(out.read_text())["widths"][2048]["rules"]["independent"]["classes"]
+    ind = yaml.safe_load(out.read_text())["targets"][0]["rules"]["independent"]["classes"]
     assert ind["input"]["lr"] == 1.6e-2 and ind["gain"]["lr"] == 1.6e-2 and ind["gain"]["weight_decay"] == 0
     assert ind["hidden"]["tau_epoch"] == pytest.approx(1250 / (2e10 / 2**20))
     assert main(["optim.lrr=1"]) == 2
@@ -280,10 +281,10 @@ def test_transfer_table_and_the_trainers_groups_are_one_plan(tmp_path, variant):
     wd = 0.1 if variant == "torch" else 1e-3
     keys = ["model.dim=64", "model.head_dim=64", "scaling.width=mup", "scaling.wd=timescale", "scaling.tau_epoch=2",
             "scaling.dataset_tokens=1000000", f"optim.lr={ETA}", f"optim.weight_decay={wd}", f"optim.variant={variant}",
-            "data.seq_len=100", "data.batch_size=10"]  # fmt: skip
+            "data.seq_len=100", "data.batch_size=10", "data.micro_batch_size=5"]  # fmt: skip
     out = tmp_path / "t.yaml"
     assert main([*keys, "transfer.widths=[256]", "transfer.rules=[timescale]", f"transfer.out={out}"]) == 0
-    table = yaml.safe_load(out.read_text())["widths"][256]["rules"]["timescale"]["classes"]
+    table = yaml.safe_load(out.read_text())["targets"][0]["rules"]["timescale"]["classes"]
     scaling = ScalingArgs(width="mup", wd="timescale", base_dim=64, tau_epoch=2, dataset_tokens=10**6)
     optim = OptimArgs(lr=ETA, weight_decay=wd, variant=variant)
     build_optimizer(tiny(256), optim, scaling, ScheduleArgs(), 100, 1000, str(tmp_path))
