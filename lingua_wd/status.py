@@ -104,9 +104,11 @@ def sweep_progress(sweep_dir: str | os.PathLike, manifest: dict, states: dict[st
 
 def eta(runs: list[RunProgress], parallel: int) -> tuple[Optional[float], str]:
     """(seconds left, how it was estimated); None when nothing has been measured yet."""
-    todo = [r for r in runs if r.kind not in ("done", *NOT_SCHEDULED) and r.left > 0]
+    todo = [r for r in runs if r.kind not in ("done", *NOT_SCHEDULED) and (r.left > 0 or not r.steps)]
     if not todo:
         return 0.0, "nothing left to train"
+    if any(not r.steps for r in todo):
+        return None, "the run configs are not written yet"
     measured = [r for r in runs if r.paces]
     if not measured:
         return None, "no run has logged a step yet"
