@@ -186,6 +186,19 @@ def _proc_start(pid: int) -> Optional[int]:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
+def process_start_time() -> float:
+    """Epoch seconds this process started (Linux /proc: its start ticks after boot, plus the boot time), so a
+    session's timing includes the interpreter's and torch's start-up; time.time() where /proc is missing."""
+    try:
+        ticks = _proc_start(os.getpid())
+        btime = next(
+            int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+        )
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, TypeError, ValueError):
+        return time.time()
+
+
 def _boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()

@@ -594,6 +594,8 @@ def launch_local(
     else:
         slots = [gpus[: args.nproc] if gpus else None]
     threads = args.threads or (max(1, (os.cpu_count() or 1) // len(slots)) if not gpus else 0)
+    at_a_time = len(slots)
+    done = sum(state_kind(run_state(sweep_dir / r["dump_dir"])) == "done" for r in manifest["runs"])
     codes: dict[str, int] = {}
     running: list[tuple[subprocess.Popen, dict, Optional[list[int]], Any, float]] = []
     print(f"[sweep] {len(todo)} of {len(manifest['runs'])} runs to train, {len(slots)} at a time", flush=True)
@@ -623,17 +625,21 @@ def launch_local(
                 log.close()
                 slots.append(dev)
                 code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode  # killed: as a shell says
+                cause = ""
+                if stopper.stop and code == 128 + signal.SIGTERM:  # our SIGTERM came before its handler was set
+                    code, cause = EXIT_REQUEUE, "stopped by the sweep during its start-up, nothing saved"
                 codes[run["name"]] = code
-                RunDir(sweep_dir / run["dump_dir"]).record_exit(code, started)
-                print(finish_line(sweep_dir, manifest, run, code, time.time() - started, len(slots)), flush=True)
+                RunDir(sweep_dir / run["dump_dir"]).record_exit(code, started, cause)
+                done += RunDir(sweep_dir / run["dump_dir"]).is_done()
+                print(finish_line(sweep_dir, manifest, run, code, time.time() - started, at_a_time, done), flush=True)
     return codes
 
 
-def finish_line(sweep_dir: Path, manifest: dict, run: dict, code: int, wall: float, parallel: int) -> str:
-    """`[sweep] [k/N] name -> final loss 3.4123, val 3.3012 (52s); ETA 10m05s (...)` once a run exits."""
+def finish_line(sweep_dir: Path, manifest: dict, run: dict, code: int, wall: float, parallel: int, done: int) -> str:
+    """`[sweep] [k/N] name -> final loss 3.4123, val 3.3012 (52s); ETA 10m05s (...)` once a run exits; k counts
+    the runs done, one more per run this launcher saw finish (runs finishing together are counted in turn)."""
     states = run_states(sweep_dir, manifest)
     runs = status.sweep_progress(sweep_dir, manifest, states)
-    done = sum(r.kind == "done" for r in runs)
     rd = RunDir(sweep_dir / run["dump_dir"])
     record = rd.read_done() if code == EXIT_OK else None
     if record is not None:
@@ -643,7 +649,7 @@ def finish_line(sweep_dir: Path, manifest: dict, run: dict, code: int, wall: flo
             what = f"final loss {loss:.4f} (mean of the last {record.get('last_n', '?')} steps)"
         what += f", val {val:.4f}" if isinstance(val, (int, float)) else ""
     elif code == EXIT_REQUEUE:
-        what = "stopped after a checkpoint (exit 75): run the sweep again to resume"
+        what = f"{(rd.read_exit() or {}).get('cause') or exit_cause(code)} (exit 75): the same command resumes it"
     else:
         what = f"FAILED ({states[run['name']]}); see {rd.train_log}"
     left, how = status.eta(runs, parallel)

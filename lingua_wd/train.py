@@ -619,7 +619,7 @@ class ExitRecord:
 
     def __init__(self, run: RunDir, is_main: bool):
         self.run, self.is_main = run, is_main
-        self.started = time.time()  # this session's start: EXIT.json times it for `lingua-wd status`
+        self.started = rundir.process_start_time()  # this session's start, imports included: status's ETA
         self.lock: Optional[rundir.RunLock] = None
         self.trainer: Optional[Trainer] = None
         self.refused = False  # another live trainer holds the directory: write nothing into it

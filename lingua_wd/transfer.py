@@ -159,20 +159,30 @@ def plot(args: TransferArgs, result: dict, path: str) -> None:
     ax.legend()
     d0 = result["base"]["dim"]
     base_row = class_row(rule_plan(args, "sp", d0, 0.0).classes["hidden"], d0)
-    for key, row in [
+    curves = [
         ("base width", base_row),
         *((k, v["classes"]["hidden"]) for k, v in result["widths"][dim]["rules"].items()),
-    ]:
+    ]
+    seen: dict[tuple, str] = {}  # rules with the same curves (e.g. independent and timescale) are named, not hidden
+    for i, (key, row) in enumerate(curves):
         lrs = row["lr"] * base
         rho = theory.rms_model(lrs, row["eta_lambda"] / row["lr"], row["init_std"])
-        style = {"color": "k", "ls": "--"} if key == "base width" else {}
-        axes[1].plot(np.arange(T + 1), rho, label=key, **style)
-        axes[2].plot(t, theory.relative_updates(lrs, rho), label=key, **style)
+        rel = theory.relative_updates(lrs, rho)
+        same = seen.setdefault((tuple(np.round(rho, 12)), tuple(np.round(rel, 12))), key)
+        label = key if same == key else f"{key} (= {same})"
+        # own marker, staggered along the curve, earlier curves wider underneath: coinciding curves stay visible
+        style = {"marker": "os^Dv<>ph"[i % 9], "ms": 5, "markevery": (i * T // (10 * len(curves)), T // 10)}
+        style |= (
+            {"color": "k", "ls": "--"} if key == "base width" else {"lw": 1 + 2.0 * (len(curves) - i) / len(curves)}
+        )
+        axes[1].plot(np.arange(T + 1), rho, label=label, **style)
+        axes[2].plot(t, rel, label=label, **style)
     axes[1].set(
         yscale="log", xlabel="step", ylabel="weight RMS rho_t", title=f"hidden class, RMS model (eq 30), d={dim}"
     )
     axes[2].set(yscale="log", xlabel="step", ylabel="eta_t / rho_t", title="relative update (eq 35)")
     axes[1].legend(fontsize=8)
+    axes[2].legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -340,7 +341,7 @@ def test_signal_to_local_launcher_checkpoints_and_resumes(tmp_path: Path, fake_r
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 75, out
-    assert "stopped after a checkpoint" in out
+    assert "lr1e-3 -> stopped by a signal, checkpoint saved (exit 75): the same command resumes it" in out
     sweep_dir = tmp_path / "sweeps" / "sig"
     assert sw.run_state(sweep_dir / "runs" / "lr1e-3") == "resume"
     assert sw.run_state(sweep_dir / "runs" / "lr2e-3") == "new"  # no new run starts after the signal
@@ -767,6 +768,87 @@ def test_status_table_eta_and_finish_lines(tmp_path: Path, fake_repo: Path, fake
     assert "2 of 6 done (1 failed, 3 new); ETA 1m00s (from 2 measured runs, 1 at a time)" in text
     assert cli_main(["status", str(sweep_dir), "parallel=2"]) == 0 and "ETA 30s" in capsys.readouterr().out
     assert cli_main(["status", str(tmp_path)]) == 2 and "no manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sw.train_args_class() is None, reason="the trainer is not importable")
+def test_half_finished_real_sweep_status_and_report(tmp_path: Path):
+    """As a user would, with the real trainer: `lingua-wd sweep` shows `[k/N] name -> final loss` as runs finish;
+    stopped (Ctrl-C) with 2 of 6 runs done, `lingua-wd status` shows every run's state, step and loss, k of N
+    and an ETA measured on the finished runs, and `lingua-wd report` withholds every verdict naming the missing
+    runs; the same command resumes the sweep, and the report then rests on complete lines."""
+    sweep_file = write(
+        tmp_path / "tiny.yaml",
+        f"""
+        name: tiny
+        dump_root: {tmp_path / "sweeps"}
+        base: configs/debug.yaml
+        overrides:
+          steps: 8
+          log_freq: 2
+          eval_freq: 0
+          eval_batches: 1
+          data.seq_len: 32
+          data.batch_size: 8
+          data.micro_batch_size: 8
+          data.workers: 0
+          model.head_dim: 32
+          checkpoint.every: 0
+          scaling.width: mup
+          scaling.base_dim: 64
+        grid:
+          model.dim: [64, 128]
+          optim.lr: [3.0e-3, 3.0e-2, 3.0e-1]
+        report: {{last_n: 4, panel: scaling.wd}}
+        launcher: local_parallel
+        local: {{jobs: 2, threads: 1}}
+    """,
+    )
+    sweep_dir = tmp_path / "sweeps" / "tiny"
+    cmd = [sys.executable, "-m", "lingua_wd.cli", "sweep", str(sweep_file)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:  # wait for the second run to finish
+        seen.append(line)
+        if line.startswith("[sweep] [2/6] "):
+            break
+    assert any(
+        re.match(r"\[sweep\] \[1/6\] d64_lr\S+ -> final loss \d\.\d{4} \(mean of the last 8 steps\)", x) for x in seen
+    ), seen
+    manifest = sw.load_manifest(sweep_dir)
+    deadline = time.time() + 60
+    while "running" not in sw.run_states(sweep_dir, manifest).values():  # the next two trainers hold their LOCK
+        assert time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # the running trainers checkpoint and exit 75; no new run starts
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 75, rest
+    states = sw.run_states(sweep_dir, manifest)
+    assert list(states.values()).count("done") == 2 and "running" not in states.values()
+    out = subprocess.run([*cmd[:3], "status", str(sweep_dir)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[1]: line.split() for line in out.stdout.splitlines()[2:-1]}
+    done = [n for n, row in rows.items() if row[2] == "done"]
+    assert len(done) == 2 and all(rows[n][3] == "8/8" and float(rows[n][4]) > 0 for n in done)
+    eta = r"2 of 6 done \(.*\); ETA \d+(s|m\d\ds) \(from \d measured runs, 1 at a time"
+    assert re.search(eta, out.stdout), out.stdout
+    assert cli_main(["report", str(sweep_dir)]) == 0
+    summary = json.loads((sweep_dir / "report.json").read_text())
+    for metric in ("train", "val"):
+        shift = summary["metrics"][metric]["standard"]["shift"]
+        assert shift["verdict"] is None and shift["n_missing"] == 4
+        assert shift["reason"].startswith("4 of 6 runs not finished"), shift
+    assert "**Verdict withheld**: 4 of 6 runs not finished" in (sweep_dir / "report.md").read_text()
+    # the same command resumes; every line is then complete
+    assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True).returncode == 0
+    assert set(sw.run_states(sweep_dir, manifest).values()) == {"done"}
+    for n in manifest["runs"]:
+        assert OmegaConf.load(sweep_dir / n["dump_dir"] / "config.yaml").dump_dir == str(sweep_dir / n["dump_dir"])
+    assert cli_main(["report", str(sweep_dir)]) == 0
+    shift = json.loads((sweep_dir / "report.json").read_text())["metrics"]["train"]["standard"]["shift"]
+    assert shift["n_missing"] == 0 and "not finished" not in shift["reason"]
+    assert cli_main(["sweep", str(sweep_file)]) == 0  # everything finished: a re-run trains nothing
 
 
 def test_cli_dispatch(capsys):
