@@ -176,8 +176,17 @@ def slopes(args: CoordCheckArgs, results: dict) -> dict:
     }
 
 
+FIRST_STEP = {  # open markers, larger underneath: coinciding step-1 lines all show
+    "input": {"marker": "s", "ms": 9, "mfc": "none"},
+    "hidden": {"marker": "^", "ms": 7, "mfc": "none"},
+    "output": {"marker": "v", "ms": 5, "mfc": "none"},
+}
+
+
 def plot(args: CoordCheckArgs, results: dict, path: Path) -> None:
-    """A row per parameterization, a column per metric; a line per class (solid: last step, dotted: step 1)."""
+    """A row per parameterization, a column per metric; a line per class (solid: last step, dotted with open
+    markers of decreasing size: step 1, so classes that coincide there, as Adam's first updates do, stay
+    visible); one legend for the figure."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -192,19 +201,21 @@ def plot(args: CoordCheckArgs, results: dict, path: Path) -> None:
             for c, ts in results[param][metric].items():
                 ax.plot(args.widths, ts[str(args.steps)], "o-", color=colors[c], label=f"{c} (t={args.steps})")
                 if args.steps > 1:
-                    ax.plot(args.widths, ts["1"], ":", color=colors[c], alpha=0.7, label=f"{c} (t=1)")
+                    ax.plot(args.widths, ts["1"], ":", color=colors[c], alpha=0.8, label=f"{c} (t=1)", **FIRST_STEP[c])
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xticks(args.widths, [str(w) for w in args.widths])
             ax.set_title(f"{param}: {metric}", fontsize=10)
+            ax.set_ylabel(metric)
             ax.grid(alpha=0.3, which="both")
             if i == rows - 1:
                 ax.set_xlabel("width (model.dim)")
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle(
         f"coordinate check: AdamW lr={args.lr:g}, wd={args.weight_decay:g}, base_dim={args.base_dim}", fontsize=10
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
