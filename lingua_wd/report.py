@@ -274,7 +274,8 @@ def _ylim(panels: dict[str, ts.Panel]) -> Optional[tuple[float, float]]:
     if not ys:
         return None
     fitted = [ln.fit(ln.ln_eta) for pan in panels.values() for ln in pan.lines if ln.fit is not None]
-    lo, hi = min([ys[0], *fitted]), ys[min(len(ys) - 1, int(0.9 * len(ys)))]
+    bars = [p.mean - p.std for pan in panels.values() for ln in pan.lines for p in ln.points if math.isfinite(p.std)]
+    lo, hi = min([ys[0], *fitted, *bars]), ys[min(len(ys) - 1, int(0.9 * len(ys)))]
     pad = 0.08 * max(hi - lo, 1e-3)
     return lo - pad, hi + 3 * pad
 
@@ -337,12 +338,12 @@ def _draw_line(ax: Any, ln: ts.LineOptimum, style: tuple, lim: Optional[tuple], 
         ax.plot(above, [top] * len(above), "^", color=color, ms=7, mfc="white", clip_on=False)
     if lim and diverged:
         ax.plot(diverged, [top] * len(diverged), "x", color=color, ms=8, mew=2, clip_on=False)
+    if not ln.complete:  # its optimum is not an estimate of anything yet: no fit, no marker
+        return
     if ln.fit is not None:  # the parabola through the bracket, thin
         u = [math.log(ln.points[i].lr) for i in ln.bracket]
         grid = [u[0] + (u[2] - u[0]) * k / 40 for k in range(41)]
         ax.plot([math.exp(g) for g in grid], [ln.fit(g) for g in grid], "-", color=color, lw=0.8, alpha=0.7)
-    if not ln.complete:  # its optimum is not an estimate of anything yet
-        return
     if ln.method in ("fit", "grid"):
         y = ln.fit(ln.ln_eta) if ln.fit is not None else min(p.mean for p in pts)
         err = [[ln.eta - math.exp(ln.ln_eta - ln.sigma)], [math.exp(ln.ln_eta + ln.sigma) - ln.eta]]
@@ -428,18 +429,24 @@ def plot_alignment(records: list[dict], name: str, path: Path) -> bool:
     fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.3 * rows + 0.6), squeeze=False)
     handles: dict[str, Any] = {}
     for ax, metric in zip(axes.flat, metrics, strict=False):
+        same: dict[tuple, list[str]] = {}
         for i, layer in enumerate(sorted(series[metric])):
             pts = sorted(series[metric][layer])
+            same.setdefault(tuple(pts), []).append(layer)
             marker, ls = style[layer]
-            every = max(1, len(pts) // 12)
+            every = max(len(layers), len(pts) // 12)  # each layer its own phase: coinciding markers never overlap
             (h,) = ax.plot(
                 [p[0] for p in pts], [p[1] for p in pts], ls=ls, marker=marker, ms=4,
-                markevery=(i % every, every), lw=1.2, label=layer,
+                markevery=(i % every, every), lw=1.2 + 1.2 * (len(layers) - 1 - i) / max(1, len(layers) - 1), label=layer,
             )  # fmt: skip
             handles.setdefault(layer, h)
         ax.set_title(metric, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel(metric)
+        groups = [g for g in same.values() if len(g) > 1]  # lines drawn on top of each other: say so
+        if groups:
+            note = "identical: " + "; ".join(" = ".join(g) for g in groups)
+            ax.text(0.01, 0.99, textwrap.fill(note, 60), transform=ax.transAxes, fontsize=6, va="top")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
@@ -539,6 +546,7 @@ def panel_json(pan: ts.Panel, finding: Optional[ts.PaperFinding]) -> dict:
     for ln in pan.lines:
         d = {k: v for k, v in asdict(ln).items() if k not in ("fit", "points")}
         d |= {"m": ln.width / pan.base_width, "status": ln.status, "eta": ln.eta, "complete": ln.complete}
+        d["eta_text"] = _eta_text(ln)
         d["points"] = [asdict(p) for p in ln.points]
         lines.append(d)
     return {
@@ -565,7 +573,7 @@ def write_report(sweep_dir: Path, out: Path, manifest: dict, results: list[RunRe
     md += [
         "",
         f"Multiplier m = {args.line} / {d0:g}. Final train loss = mean training loss of the last {args.last_n} steps "
-        "(the paper's measure); val = last validation loss. Seeds are averaged (mean +- sample std). The optimum "
+        "(the paper takes the last 100); val = last validation loss. Seeds are averaged (mean +- sample std). The optimum "
         "of a line is the vertex of a parabola in ln LR through its best finished point and the neighbours, with "
         "its uncertainty from the seeds' spread (one seed: the grid cell); a line with unfinished runs is "
         "*incomplete*, an optimum at the edge of the finished LRs is only a bound (*at grid edge*), and neither "
@@ -649,8 +657,9 @@ def console_lines(summary: dict) -> list[str]:
                 head = f"{s['verdict']}: {s['reason']}"
             out.append(f"[report] {metric:5s} {name}: {head}")
             for ln in pan["lines"]:
-                eta = "-" if ln["eta"] is None else f"{ln['eta']:.3g}"
-                out.append(f"[report]       {ln['width']:g} (m={ln['m']:g}): eta* {eta} [{ln['status']}; {ln['note']}]")
+                out.append(
+                    f"[report]       {ln['width']:g} (m={ln['m']:g}): eta* {ln['eta_text']} [{ln['status']}; {ln['note']}]"
+                )
             if pan["paper"]:
                 out.append(f"[report]       the paper (same setup): {pan['paper']['verdict']}")
     return out

@@ -136,8 +136,10 @@ def plot(run_dirs: list[Path], layer: str | None, out: Path, drop_last: float, l
     fig, axes = plt.subplots(2, 4, figsize=(20, 9.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     names = [
-        labels[i] if labels else label(d, info) for i, (d, (_, info)) in enumerate(zip(run_dirs, runs, strict=True))
+        f"[{i + 1}] " + (labels[i] if labels else label(d, info))
+        for i, (d, (_, info)) in enumerate(zip(run_dirs, runs, strict=True))
     ]
+    shared: dict[int, dict[tuple, list[int]]] = {}  # panel -> theory curve -> the runs drawing it
     same = identical_to(runs, layer, names)
     base: dict[int, float] = {}
     handles = []
@@ -145,7 +147,7 @@ def plot(run_dirs: list[Path], layer: str | None, out: Path, drop_last: float, l
         color, name = colors[i % len(colors)], names[i]
         # coinciding runs stay visible: own marker, staggered, earlier (wider) lines underneath
         style = dict(color=color, ls="-", marker=MARKERS[i % len(MARKERS)], ms=4, zorder=2 + i,
-                     lw=1.2 + 1.6 * (len(runs) - 1 - i) / max(1, len(runs) - 1))  # fmt: skip
+                     lw=1.2 + 2.6 * (len(runs) - 1 - i) / max(1, len(runs) - 1))  # fmt: skip
         if same[i]:
             name += f"  (identical to {', '.join(same[i])})"
         C = fan_in(layer, info)
@@ -162,7 +164,9 @@ def plot(run_dirs: list[Path], layer: str | None, out: Path, drop_last: float, l
             line = _draw(ax, steps, values, style, i, len(runs))
             if metric == "rel_update" and line is not None:
                 handles.append((line, name))
-            theory(ax, metric, records, layer, drop_last, C, color, info["last_step"])
+            curve = theory(ax, metric, records, layer, drop_last, C, color, info["last_step"])
+            if curve is not None:
+                shared.setdefault(id(ax), {}).setdefault(curve, []).append(i + 1)
     for ax, (_, title, ylabel, logy) in zip(axes.flat, PANELS, strict=True):
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("step")
@@ -170,6 +174,11 @@ def plot(run_dirs: list[Path], layer: str | None, out: Path, drop_last: float, l
         if logy and any(len(line.get_ydata()) and min(line.get_ydata()) > 0 for line in ax.get_lines()):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
+    for ax in axes.flat:  # dashed lines drawn on top of each other: say so in the panel
+        groups = [runs_ for runs_ in shared.get(id(ax), {}).values() if len(runs_) > 1]
+        if groups:
+            text = "; ".join(f"runs {', '.join(map(str, g))}" for g in groups)
+            ax.text(0.01, 0.01, f"theory: one dashed line for {text}", transform=ax.transAxes, fontsize=7, va="bottom")
     axes.flat[2].axhline(1.0, color="gray", lw=0.8, ls=":")
     axes.flat[-1].axhline(1.0, color="gray", lw=0.8, ls=":")
     theory_key = plt.Line2D([], [], color="gray", lw=1.0, ls=(0, (2, 2)), label="theory (dashed, thin)")
@@ -190,23 +199,28 @@ def _draw(ax, steps, values, style: dict, i: int, n: int):
     """One run's series; markers every ~1/10 of the points, shifted per run so coinciding runs show them all."""
     if not len(steps):
         return None
-    every = max(1, len(steps) // 10)
-    (line,) = ax.plot(steps, values, markevery=(i * every // max(1, n), every), **style)
+    every = max(n, len(steps) // 10)  # each run its own phase: markers of coinciding runs never overlap
+    (line,) = ax.plot(steps, values, markevery=(i % every, every), **style)
     return line
 
 
 def theory(
     ax, metric: str, records: list[dict], layer: str, drop_last: float, C: int | None, color: str, last: int = 0
-) -> None:
-    """The theory line of a panel, dashed in the run's colour."""
+) -> tuple | None:
+    """The theory line of a panel, dashed in the run's colour; returns its values (to find coinciding ones)."""
     eq = {"rel_update": "eq_rel_update", "weight_rms": "eq_weight_rms"}.get(metric)
+    dashed = {"color": color, "lw": 0.9, "ls": (0, (2, 2))}
     if eq:  # the simple RMS model's equilibrium at the current LR and WD (eq 33, 36)
         steps, values = series(records, layer, eq, drop_last, last)
-        ax.plot(steps, values, color=color, lw=0.9, ls=(0, (2, 2)))
-    elif C and metric in ("weight_align", "update_align"):
-        ax.axhline(1 / math.sqrt(C), color=color, lw=0.9, ls=(0, (2, 2)))  # 1/sqrt(C): init (alpha_W), B >> C (App. E)
-    elif C and metric == "align_ratio":
-        ax.axhline(math.sqrt(C), color=color, lw=0.9, ls=(0, (2, 2)))  # muP's assumption Theta(sqrt(C)), eq 5
+        ax.plot(steps, values, **dashed)
+        return tuple(steps) + tuple(round(v, 12) for v in values) if steps else None
+    if C and metric in ("weight_align", "update_align"):
+        ax.axhline(1 / math.sqrt(C), **dashed)  # 1/sqrt(C): init (alpha_W), B >> C (App. E)
+        return (1 / math.sqrt(C),)
+    if C and metric == "align_ratio":
+        ax.axhline(math.sqrt(C), **dashed)  # muP's assumption Theta(sqrt(C)), eq 5
+        return (math.sqrt(C),)
+    return None
 
 
 def with_ext(prefix: Path, ext: str) -> Path:
