@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "train": ("lingua_wd.train:main", "train one run: config=FILE.yaml key=value ..."),
     "sweep": ("lingua_wd.sweep:main", "expand a sweep YAML and run it locally or submit it to SLURM"),
+    "status": ("lingua_wd.status:main", "every run of a sweep dir: state, step, last loss; k of N done and the ETA"),
     "report": ("lingua_wd.report:main", "LR-transfer plots and table of a sweep dir"),
     "coordcheck": ("lingua_wd.coordcheck:main", "activation / update RMS per layer class vs width"),
     "transfer": ("lingua_wd.transfer:main", "per-class LR and WD at other widths under each scaling rule"),

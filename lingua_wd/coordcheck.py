@@ -222,8 +222,17 @@ def slopes(args: CoordCheckArgs, results: dict) -> dict:
     }
 
 
+FIRST_STEP = {  # open markers, larger underneath: coinciding step-1 lines all show
+    "input": {"marker": "s", "ms": 9, "mfc": "none"},
+    "hidden": {"marker": "^", "ms": 7, "mfc": "none"},
+    "output": {"marker": "v", "ms": 5, "mfc": "none"},
+}
+
+
 def plot(args: CoordCheckArgs, results: dict, path: Path) -> None:
-    """A row per rule, a column per metric; a line per class (solid: last step, dotted: step 1)."""
+    """A row per rule, a column per metric; a line per class (solid: last step, dotted with open markers of
+    decreasing size: step 1, so classes that coincide there, as Adam's first updates do, stay visible); one
+    legend for the figure."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -239,19 +248,22 @@ def plot(args: CoordCheckArgs, results: dict, path: Path) -> None:
             for c, ts in results[rule][metric].items():
                 ax.plot(xs(args), ts[str(args.steps)], "o-", color=colors[c], label=f"{c} (t={args.steps})")
                 if args.steps > 1:
-                    ax.plot(xs(args), ts["1"], ":", color=colors[c], alpha=0.7, label=f"{c} (t=1)")
+                    ax.plot(xs(args), ts["1"], ":", color=colors[c], alpha=0.8, label=f"{c} (t=1)",
+                            **FIRST_STEP.get(c, {"marker": "o", "ms": 4, "mfc": "none"}))  # fmt: skip
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xticks(xs(args), [str(w) for w in xs(args)])
             ax.set_title(f"{args.axis} {rule}: {metric}", fontsize=10)
+            ax.set_ylabel(metric)
             ax.grid(alpha=0.3, which="both")
             if i == rows - 1:
                 ax.set_xlabel(f"{args.axis} ({AXES[args.axis]})")
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     base = f"base_dim={args.base_dim}" if args.axis == "width" else f"width {args.base_dim}, {args.params[0]}, "
     base += f"base_depth={args.base_depth}" if args.axis == "depth" else ""
     fig.suptitle(f"coordinate check: AdamW lr={args.lr:g}, wd={args.weight_decay:g}, {base}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from lingua_wd.args import check
+from lingua_wd.rundir import RunDir, format_duration
 
 log = logging.getLogger("lingua_wd")
 
@@ -60,8 +61,6 @@ class MetricLogger:
     """Rank 0 writes metrics.jsonl (appending, so a resumed run continues the file) and wandb."""
 
     def __init__(self, dump_dir: Path, args: LoggingArgs, config: dict, run_name: str, enabled: bool):
-        from lingua_wd.rundir import RunDir
-
         self.enabled = enabled
         self.path = RunDir(dump_dir).metrics
         self.wandb = None
@@ -140,16 +139,38 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def console_line(r: dict[str, Any]) -> str:
-    parts = [f"step {r['step']:>6d}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}"]
-    parts.append(f"tok/s {r['tokens_per_s']:,.0f}")
+def console_line(r: dict[str, Any], total: int, elapsed: float, eta: Optional[float]) -> str:
+    """One log line: step k/N, losses and rates of the record, then the session's elapsed time and the ETA."""
+    width = len(str(total))
+    parts = [f"step {r['step']:>{width}d}/{total}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}"]
+    parts += [f"gnorm {r['grad_norm']:.3f}", f"tok/s {r['tokens_per_s']:,.0f}"]
     if r.get("mfu") is not None:
         parts.append(f"mfu {100 * r['mfu']:.1f}%")
     if r.get("peak_mem_gb") is not None:
         parts.append(f"mem {r['peak_mem_gb']:.1f}GB")
     if r.get("data/skipped"):
         parts.append(f"skipped {r['data/skipped']}")
+    parts.append(f"elapsed {format_duration(elapsed)}")
+    parts.append(f"eta {format_duration(eta) if eta is not None else '?'}")
     return " | ".join(parts)
+
+
+def eta_seconds(done: int, total: int, elapsed: float) -> Optional[float]:
+    """Seconds left at this session's mean pace (its evals and checkpoints included); None before a step."""
+    return (total - done) * elapsed / done if done > 0 and elapsed > 0 else None
+
+
+def run_summary(s: dict[str, Any]) -> str:
+    """The paragraph printed at the end of a run (keys: step, tokens, session_steps, session_tokens,
+    wall_s, train_loss, last_n, val_loss, tokens_per_s, mfu, resumed_from)."""
+    val = f"{s['val_loss']:.4f}" if s.get("val_loss") is not None else "none (no validation set)"
+    since = f", resumed at step {s['resumed_from']}" if s.get("resumed_from") else ""
+    mfu = f"MFU {100 * s['mfu']:.1f}%" if s.get("mfu") is not None else "no MFU (no known bf16 peak on this device)"
+    return (
+        f"run finished: {s['step']:,} steps, {s['tokens']:,} tokens. Final train loss {s['train_loss']:.4f} "
+        f"(mean of the last {s['last_n']} steps), val loss {val}. This session: {s['session_steps']:,} steps "
+        f"in {format_duration(s['wall_s'])}{since}, {s['tokens_per_s']:,.0f} tokens/s on average, {mfu}."
+    )
 
 
 class Throughput:

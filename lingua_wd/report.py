@@ -1,11 +1,22 @@
 """LR-transfer report of a sweep: `lingua-wd report SWEEP_DIR [key=value ...]`.
 
 For every run: the final training loss (mean over the last N steps, as the paper reports it, App. G.3)
-and the last validation loss. Then, per panel (WD mode) and line (width, or any numeric key: depth, batch,
-steps): loss against base LR with the optimum marked (Figure 1 of the paper), and how the optimum moves
-with the multiplier m = line / base: the slope of ln eta* against ln m. A slope of 0 means the LR transfers. The optimum is only known to within the
-grid: a grid step of Delta in ln eta gives each eta* an error uniform over +-Delta/2, i.e. a standard
-deviation of Delta/sqrt(12), which propagates to the slope as Delta/sqrt(12) / sqrt(sum (ln m - mean)^2).
+and the last validation loss. Then per panel (a scaling rule) and line (a width, or any numeric key:
+depth, batch size, steps): loss against base LR (Figure 1 of the paper), the optimum of each line, how
+it moves with the multiplier m = line / base (the slope of ln eta* against ln m: 0 means the LR
+transfers), and the transfer regret: the loss at each line at the LR picked at the base line, minus the
+best loss there. The statistics are lingua_wd/transfer_stats.py's (its docstring gives every rule):
+
+- a line whose runs are not all finished is *incomplete*; its optimum is shown, never used;
+- an optimum at the edge of the finished LRs is a bound, marked *at grid edge*, never used;
+- the optimum lies between grid points: a parabola in ln LR through the best point and its neighbours,
+  with an uncertainty from the seeds' spread (or from the grid cell with one seed);
+- the verdict (transfers / shifts / inconclusive, a 2-sigma interval of the slope against +-`tol`) is
+  withheld, saying how many runs are missing, until every line it rests on is complete and bracketed.
+
+Run states map onto transfer_stats' outcomes: done -> done (diverged if it logged a non-finite loss),
+failed with exit 3 -> diverged (the LR is too high: that is information), every other state (new,
+started, resume, queued, running, cancelled, other failures) -> incomplete.
 Writes report.md, report.json and PNG figures into the sweep dir (or `out_dir`).
 """
 
@@ -15,36 +26,57 @@ import json
 import math
 import os
 import sys
+import textwrap
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
+from lingua_wd import transfer_stats as ts
 from lingua_wd.args import check, parse_args, run_cli
-from lingua_wd.rundir import RunDir, read_metrics
-from lingua_wd.sweep import ReportArgs, load_manifest, run_state
+from lingua_wd.rundir import EXIT_DIVERGED, RunDir, probe_records, train_records
+from lingua_wd.status import state_kind
+from lingua_wd.sweep import REPO_ROOT, ReportArgs, load_manifest, run_states
 
 METRICS = {"train": "final train loss (mean of last {n} steps)", "val": "final validation loss"}
-X_NAMES = {"optim.lr": ("base LR", "eta"), "optim.weight_decay": ("base weight decay", "lambda")}  # x -> plot names
 # line key -> the runs' key holding the line value of m = 1 (other numeric lines: their smallest value)
 BASE_KEYS = {
     "model.dim": "scaling.base_dim",
     "model.n_layers": "scaling.base_depth",
     "data.batch_size": "scaling.base_batch",
 }
+X_NAMES = {"optim.lr": ("base LR", "eta"), "optim.weight_decay": ("base weight decay", "lambda")}  # x -> plot names
+AXIS_NAMES = {"model.dim": "width", "model.n_layers": "depth", "data.batch_size": "batch size", "steps": "run length"}
+RULE_KEYS = ("scaling.width", "scaling.wd")  # which paper finding a panel is (transfer_stats.paper_finding)
+PAPER_CONFIG = REPO_ROOT / "configs" / "paper" / "llama.yaml"
+# The keys that make a sweep "the paper's setup" (App. G.3) besides the swept LR, width and rule
+SETUP_KEYS = (
+    "model.n_layers", "model.head_dim", "model.ffn_mult", "data.seq_len", "data.batch_size", "data.tokenizer.name",
+    "steps", "optim.beta1", "optim.beta2", "optim.eps", "optim.weight_decay", "optim.variant", "schedule.kind",
+    "schedule.warmup", "scaling.base_dim",
+)  # fmt: skip
 
 
 @dataclass
 class RunResult:
     name: str
-    state: str  # new | started | resume | done
+    state: str  # sweep.run_state: new | started | resume | queued | running | done | failed (...) | cancelled
     values: dict[str, Any]  # report keys (x, line, panel, averaged, other axes) -> value from the run's config
     last_step: int = 0  # last logged training step
     train: float = math.nan  # mean training loss over the last N steps
     val: float = math.nan  # last validation loss
-    diverged: bool = False  # a non-finite loss was logged
+    diverged: bool = False  # a non-finite loss was logged, or the trainer stopped for divergence (exit 3)
+
+    def outcome(self, metric: str) -> ts.Outcome:
+        """This run as transfer_stats sees it (the module docstring's mapping)."""
+        if self.diverged:
+            return ts.Outcome("diverged")
+        value = getattr(self, metric)
+        if state_kind(self.state) == "done" and math.isfinite(value):
+            return ts.Outcome("done", value)
+        return ts.Outcome("incomplete")
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -53,10 +85,10 @@ class RunResult:
 def final_train_loss(records: list[dict], last_n: int) -> tuple[float, int]:
     """Mean training loss over the steps (last - last_n, last]; returns (loss, last step).
 
-    Each record's "loss" averages the steps since the previous record, so it is weighted by how many of
+    Each train record's "loss" averages the steps since the previous one, so it is weighted by how many of
     its steps fall in the window; a step logged twice (re-logged after a resume) counts once, the newest.
     """
-    by_step = {int(r["step"]): float(r["loss"]) for r in records if "loss" in r and "step" in r}
+    by_step = {int(r["step"]): float(r["loss"]) for r in train_records(records)}
     if not by_step:
         return math.nan, 0
     steps = sorted(by_step)
@@ -84,6 +116,11 @@ def run_values(sweep_dir: Path, run: dict, keys: list[str]) -> dict[str, Any]:
     return {k: run["params"].get(k) for k in keys}
 
 
+def panel_keys(args: ReportArgs) -> list[str]:
+    """`report.panel` is one dotted key or several joined by commas (scaling.width,scaling.wd)."""
+    return [k.strip() for k in args.panel.split(",") if k.strip()]
+
+
 def axis_keys(manifest: dict, args: ReportArgs) -> list[str]:
     """First key of each grid axis that is not plotted (x / line / panel) nor averaged: it splits panels."""
     used = {args.x, args.line, *panel_keys(args), *args.average}
@@ -95,19 +132,24 @@ def axis_keys(manifest: dict, args: ReportArgs) -> list[str]:
 
 
 def gather(sweep_dir: str | os.PathLike, args: ReportArgs) -> tuple[dict, list[RunResult]]:
+    """Every run of the manifest, finished or not (the statistics must know what is missing)."""
     sweep_dir = Path(sweep_dir)
     manifest = load_manifest(sweep_dir)
-    keys = [args.x, args.line, *panel_keys(args), *args.average, *axis_keys(manifest, args)]
+    keys = list(dict.fromkeys([args.x, args.line, *panel_keys(args), *args.average, *axis_keys(manifest, args)]))
+    keys += [k for k in (*RULE_KEYS, *SETUP_KEYS) if k not in keys]
+    states = run_states(sweep_dir, manifest)
     results = []
     for run in manifest["runs"]:
-        dump = sweep_dir / run["dump_dir"]
-        records = RunDir(dump).read_metrics()
+        rd = RunDir(sweep_dir / run["dump_dir"])
+        records = rd.read_metrics()
         train, last = final_train_loss(records, args.last_n)
         losses = [r[k] for r in records for k in ("loss", "val/loss") if isinstance(r.get(k), (int, float))]
-        diverged = any(not math.isfinite(v) for v in losses)
-        res = RunResult(
-            run["name"], run_state(dump), run_values(sweep_dir, run, keys), last, train, last_val_loss(records)
+        exit_code = (rd.read_exit() or {}).get("code")
+        state = states[run["name"]]
+        diverged = any(not math.isfinite(v) for v in losses) or (
+            state_kind(state) == "failed" and exit_code == EXIT_DIVERGED
         )
+        res = RunResult(run["name"], state, run_values(sweep_dir, run, keys), last, train, last_val_loss(records))
         res.diverged = diverged
         if diverged:
             res.train = res.val = math.nan
@@ -115,21 +157,7 @@ def gather(sweep_dir: str | os.PathLike, args: ReportArgs) -> tuple[dict, list[R
     return manifest, results
 
 
-# ----------------------------------------------------------------------------- optimum and its shift
-
-
-@dataclass
-class Curve:
-    panel: str
-    width: Any
-    xs: list[float]  # every x tried (sorted)
-    ys: list[float]  # mean metric over the finished runs at x (nan: diverged or none finished)
-    status: list[str] = field(default_factory=list)  # per x: ok | div (a run diverged) | missing (none finished)
-
-
-def panel_keys(args: ReportArgs) -> list[str]:
-    """`report.panel` is one dotted key or several joined by commas (scaling.width,scaling.wd)."""
-    return [k.strip() for k in args.panel.split(",") if k.strip()]
+# ----------------------------------------------------------------------------- panels and their statistics
 
 
 def panel_label(values: dict[str, Any], args: ReportArgs, extra: list[str]) -> str:
@@ -139,78 +167,34 @@ def panel_label(values: dict[str, Any], args: ReportArgs, extra: list[str]) -> s
     return ", ".join(parts) or "all runs"
 
 
-def build_curves(results: list[RunResult], args: ReportArgs, extra: list[str], metric: str) -> list[Curve]:
-    """One curve per (panel, width): metric against x, averaged over the `average` keys (seeds).
+def x_names(x: str) -> tuple[str, str]:
+    """(axis label, symbol) of the swept key: base LR / eta for optim.lr, else the key's own name."""
+    return X_NAMES.get(x, (f"base {x.rsplit('.', 1)[-1]}", x.rsplit(".", 1)[-1]))
 
-    A diverged seed makes the point diverged (never an optimum); unfinished runs are left out.
-    """
-    acc: dict[tuple[str, Any], dict[float, list[Optional[float]]]] = defaultdict(lambda: defaultdict(list))
+
+def axis_name(args: ReportArgs) -> str:
+    return AXIS_NAMES.get(args.line, args.line)
+
+
+def group_runs(
+    results: list[RunResult], args: ReportArgs, extra: list[str], metric: str
+) -> dict[str, dict[float, dict[float, list[ts.Outcome]]]]:
+    """{panel: {line value: {x: [outcome per run, seeds included]}}}; every run is counted, finished or not."""
+    out: dict[str, dict[float, dict[float, list[ts.Outcome]]]] = defaultdict(lambda: defaultdict(dict))
     for r in results:
-        x = r.values.get(args.x)
-        if x is None:
+        x, line = r.values.get(args.x), r.values.get(args.line)
+        if x is None or line is None:
             continue
-        key = (panel_label(r.values, args, extra), r.values.get(args.line))
-        v = getattr(r, metric)
-        acc[key][float(x)].append(math.nan if r.diverged else (v if r.state == "done" and math.isfinite(v) else None))
-    curves = []
-    for (panel, width), pts in acc.items():
-        c = Curve(panel, width, sorted(pts), [], [])
-        for x in c.xs:
-            vals = [v for v in pts[x] if v is not None]
-            div = any(not math.isfinite(v) for v in vals)
-            c.ys.append(math.nan if div or not vals else sum(vals) / len(vals))
-            c.status.append("div" if div else "ok" if vals else "missing")
-        curves.append(c)
-    return sorted(curves, key=lambda c: (c.panel, _sort_key(c.width)))
+        check(isinstance(line, (int, float)), "report.line", f"{args.line} must be numeric, run {r.name} has {line!r}")
+        check(isinstance(x, (int, float)) and x > 0, "report.x", f"{args.x} must be positive, run {r.name} has {x!r}")
+        pts = out[panel_label(r.values, args, extra)][float(line)]
+        pts.setdefault(float(x), []).append(r.outcome(metric))
+    return out
 
 
-def _sort_key(v: Any) -> tuple:
-    return (0, float(v), "") if isinstance(v, (int, float)) else (1, 0.0, str(v))
-
-
-def optimum(c: Curve) -> Optional[dict]:
-    """Grid argmin of the curve; `edge` when it is the smallest or largest x tried (eta* may lie outside)."""
-    finite = [i for i, y in enumerate(c.ys) if math.isfinite(y)]
-    if not finite:
-        return None
-    i = min(finite, key=lambda j: c.ys[j])
-    return {"x": c.xs[i], "loss": c.ys[i], "index": i, "edge": i in (0, len(c.xs) - 1) and len(c.xs) > 1}
-
-
-def grid_step(xs: list[float]) -> float:
-    """Median spacing of the grid in ln x (ln 2 for LRs by factors of 2)."""
-    logs = sorted({math.log(x) for x in xs if x > 0})
-    diffs = sorted(b - a for a, b in zip(logs, logs[1:], strict=False))
-    return diffs[len(diffs) // 2] if diffs else math.nan
-
-
-def fit_shift(ms: list[float], etas: list[float], step: float) -> dict:
-    """Least-squares slope of ln eta* against ln m, with its uncertainty from the grid spacing.
-
-    Each ln eta* carries a quantization error uniform on +-step/2 (std step/sqrt(12)); the slope's std is
-    that over sqrt(sum (ln m - mean ln m)^2). With three or more widths the residual standard error is
-    reported too. Slope 0: the optimal base LR transfers; -1: it moves like 1/m.
-    """
-    x = [math.log(m) for m in ms]
-    y = [math.log(e) for e in etas]
-    n = len(x)
-    if n < 2:
-        return {"slope": math.nan, "sigma_grid": math.nan, "sigma_resid": math.nan, "intercept": math.nan, "n": n}
-    xm, ym = sum(x) / n, sum(y) / n
-    sxx = sum((a - xm) ** 2 for a in x)
-    if sxx == 0:
-        return {"slope": math.nan, "sigma_grid": math.nan, "sigma_resid": math.nan, "intercept": math.nan, "n": n}
-    slope = sum((a - xm) * (b - ym) for a, b in zip(x, y, strict=False)) / sxx
-    intercept = ym - slope * xm
-    resid = [b - (intercept + slope * a) for a, b in zip(x, y, strict=False)]
-    sigma_resid = math.sqrt(sum(r * r for r in resid) / (n - 2) / sxx) if n > 2 else math.nan
-    sigma_grid = step / math.sqrt(12) / math.sqrt(sxx)
-    return {"slope": slope, "sigma_grid": sigma_grid, "sigma_resid": sigma_resid, "intercept": intercept, "n": n}
-
-
-def base_width(results: list[RunResult], args: ReportArgs, sweep_dir: Path, manifest: dict) -> float:
-    """The line value of m = 1 (d0 of m = d / d0 for widths): report.base_dim, else the runs' base of the line's
-    axis (BASE_KEYS: scaling.base_dim, base_depth, base_batch), else the smallest line value."""
+def base_value(results: list[RunResult], args: ReportArgs, sweep_dir: Path, manifest: dict) -> float:
+    """The line value of m = 1 (d0 of m = d / d0 for widths): report.base_dim, else the runs' base of the
+    line's axis (BASE_KEYS: scaling.base_dim, base_depth, base_batch), else the smallest line value."""
     if args.base_dim > 0:
         return float(args.base_dim)
     dims = set()
@@ -221,41 +205,36 @@ def base_width(results: list[RunResult], args: ReportArgs, sweep_dir: Path, mani
             dims.add(float(d))
     if len(dims) == 1:
         return dims.pop()
-    widths = [float(r.values[args.line]) for r in results if isinstance(r.values.get(args.line), (int, float))]
-    return min(widths) if widths else 1.0
+    values = [float(r.values[args.line]) for r in results if isinstance(r.values.get(args.line), (int, float))]
+    return min(values) if values else 1.0
 
 
-def analyse(curves: list[Curve], d0: float) -> dict[str, dict]:
-    """Per panel: the optimum of each width and the fitted shift of ln eta* with ln m."""
-    out: dict[str, dict] = {}
-    for c in curves:
-        p = out.setdefault(c.panel, {"optima": [], "xs": set()})
-        p["xs"].update(c.xs)
-        opt = optimum(c)
-        if opt is not None:
-            m = float(c.width) / d0 if isinstance(c.width, (int, float)) else math.nan
-            p["optima"].append({"width": c.width, "m": m, **opt})
-    for p in out.values():
-        step = grid_step(sorted(p.pop("xs")))
-        pts = [o for o in p["optima"] if math.isfinite(o["m"])]
-        p["grid_step_ln"] = step
-        p["fit"] = fit_shift([o["m"] for o in pts], [o["x"] for o in pts], step)
-        p["any_edge"] = any(o["edge"] for o in pts)
-    return out
+def panel_rule(results: list[RunResult], label: str, args: ReportArgs, extra: list[str]) -> Optional[str]:
+    """The scaling rule of a panel (scaling.rule_name's words: sp, or mup's wd rule) if all its runs share it."""
+    rules = {
+        "sp" if r.values.get("scaling.width") == "sp" else str(r.values.get("scaling.wd"))
+        for r in results
+        if panel_label(r.values, args, extra) == label
+    }
+    return rules.pop() if len(rules) == 1 else None
 
 
-def verdict(fit: dict, any_edge: bool, line: str = "model.dim") -> str:
-    """Judged against the grid uncertainty alone: with few widths the residual error is itself too noisy."""
-    s, sg = fit["slope"], fit["sigma_grid"]
-    axis = "width" if line == "model.dim" else line
-    if not math.isfinite(s):
-        return "needs two widths" if axis == "width" else f"needs two values of {axis}"
-    text = (
-        "transfers (slope within 2 sigma_grid of 0)"
-        if abs(s) <= 2 * sg
-        else f"shifts with {axis} (slope beyond 2 sigma_grid)"
-    )
-    return text + ("; an optimum is at the grid edge" if any_edge else "")
+def setup_differences(results: list[RunResult]) -> list[str]:
+    """SETUP_KEYS where the sweep's runs differ from the paper's reference experiment (configs/paper/llama.yaml)."""
+    paper = OmegaConf.load(PAPER_CONFIG)
+    diffs = []
+    for key in SETUP_KEYS:
+        want = OmegaConf.select(paper, key, default=None)
+        have = sorted({str(r.values.get(key)) for r in results})
+        if have != [str(want)]:
+            diffs.append(f"{key}={'/'.join(have)} (paper: {want})")
+    return diffs
+
+
+def comparable_finding(rule: Optional[str], same_setup: bool) -> Optional[ts.PaperFinding]:
+    """The paper's finding for a rule, only when the sweep is the setup it comes from (App. G.3)."""
+    finding = ts.paper_finding(rule) if rule and same_setup else None
+    return finding if finding is not None and finding.setup.startswith("[002]") else None
 
 
 # ----------------------------------------------------------------------------- plots
@@ -274,7 +253,11 @@ def _colors(n: int) -> list:
     import matplotlib  # noqa: PLC0415
 
     cmap = matplotlib.colormaps["viridis"]
-    return [cmap(0.15 + 0.7 * i / max(1, n - 1)) for i in range(n)]
+    return [cmap(0.1 + 0.75 * i / max(1, n - 1)) for i in range(n)]
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
+LINESTYLES = ("-", "--", "-.", ":")
 
 
 def _log_ticks(ax: Any, which: str, values: list[float]) -> None:
@@ -291,95 +274,152 @@ def _log_ticks(ax: Any, which: str, values: list[float]) -> None:
             ax.tick_params(axis="x", labelrotation=40)
 
 
-def plot_transfer(curves: list[Curve], analysis: dict, args: ReportArgs, d0: float, ylabel: str, path: Path) -> None:
-    """Figure 1 of the paper: loss vs base LR, a panel per WD mode, a line per width, optima starred."""
+def _ylim(panels: dict[str, ts.Panel]) -> Optional[tuple[float, float]]:
+    """Zoom on the optima: from the lowest mean to the 90th percentile (points above get an arrow)."""
+    ys = sorted(p.mean for pan in panels.values() for ln in pan.lines for p in ln.points if math.isfinite(p.mean))
+    if not ys:
+        return None
+    fitted = [ln.fit(ln.ln_eta) for pan in panels.values() for ln in pan.lines if ln.fit is not None]
+    bars = [p.mean - p.std for pan in panels.values() for ln in pan.lines for p in ln.points if math.isfinite(p.std)]
+    lo, hi = min([ys[0], *fitted, *bars]), ys[min(len(ys) - 1, int(0.9 * len(ys)))]
+    pad = 0.08 * max(hi - lo, 1e-3)
+    return lo - pad, hi + 3 * pad
+
+
+def _line_label(ln: ts.LineOptimum, args: ReportArgs, d0: float) -> str:
+    label = f"{args.line.rsplit('.', 1)[-1]}={ln.width:g} (m={ln.width / d0:g})"
+    return label + (f", incomplete: {ln.n_missing} missing" if not ln.complete else "")
+
+
+def plot_transfer(panels: dict[str, ts.Panel], args: ReportArgs, d0: float, ylabel: str, path: Path) -> None:
+    """Figure 1 of the paper: loss vs base LR, a panel per rule, a line per width (mean +- seed std), the fitted
+    optimum starred with its +-1 sigma, an optimum at the grid edge as a triangle, diverged points as x."""
     plt = _plt()
-    panels = sorted({c.panel for c in curves})
-    widths = sorted({c.width for c in curves}, key=_sort_key)
-    colors = dict(zip(widths, _colors(len(widths)), strict=False))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), sharey=True, squeeze=False)
-    finite = sorted(y for c in curves for y in c.ys if math.isfinite(y))
-    for ax, panel in zip(axes[0], panels, strict=False):
-        for c in [c for c in curves if c.panel == panel]:
-            m = f" (m={float(c.width) / d0:g})" if isinstance(c.width, (int, float)) else ""
-            ax.plot(
-                c.xs,
-                c.ys,
-                "o-",
-                color=colors[c.width],
-                ms=4,
-                lw=1.5,
-                label=f"{args.line.rsplit('.', 1)[-1]}={c.width}{m}",
-            )
-            bad = [x for x, s in zip(c.xs, c.status, strict=False) if s == "div"]
-            if bad and finite:
-                ax.plot(bad, [finite[-1]] * len(bad), "x", color=colors[c.width], ms=7)
-            opt = optimum(c)
-            if opt is not None:
-                ax.plot([opt["x"]], [opt["loss"]], "*", color=colors[c.width], ms=15, mec="black", mew=0.8, zorder=5)
-        fit = analysis[panel]["fit"]
-        slope = (
-            ""
-            if not math.isfinite(fit["slope"])
-            else f"\nslope ln {x_names(args.x)[1]}*/ln m = {fit['slope']:+.2f} ± {fit['sigma_grid']:.2f}"
-        )
-        ax.set_title(f"{panel}{slope}", fontsize=10)
-        _log_ticks(ax, "x", sorted({x for c in curves if c.panel == panel for x in c.xs}))
+    names = sorted(panels)
+    widths = sorted({ln.width for p in panels.values() for ln in p.lines})
+    style = {
+        w: (c, MARKERS[i % len(MARKERS)]) for i, (w, c) in enumerate(zip(widths, _colors(len(widths)), strict=True))
+    }
+    width = max(6.0, 4.6 * len(names))
+    fig, axes = plt.subplots(1, len(names), figsize=(width, 4.6), sharey=True, squeeze=False)
+    lim = _ylim(panels)
+    for ax, name in zip(axes[0], names, strict=True):
+        for ln in panels[name].lines:
+            _draw_line(ax, ln, style[ln.width], lim, _line_label(ln, args, d0))
+        ax.set_title(name + "\n" + textwrap.fill(_verdict_text(panels[name].shift, args), 52), fontsize=9)
+        _log_ticks(ax, "x", sorted({p.lr for ln in panels[name].lines for p in ln.points}))
         ax.set_xlabel(f"{x_names(args.x)[0]} ({args.x})")
+        ax.set_ylabel(ylabel)
+        ax.tick_params(labelleft=True)
         ax.grid(alpha=0.3, which="both")
-    if finite:
-        lo, hi = finite[0], finite[min(len(finite) - 1, int(0.9 * len(finite)))]
-        pad = 0.06 * max(hi - lo, 1e-3)
-        axes[0][0].set_ylim(lo - pad, hi + 3 * pad)
-    axes[0][0].set_ylabel(ylabel)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+        ax.legend(fontsize=7, loc="upper center")
+        if lim:
+            ax.set_ylim(*lim)
+    note = (
+        "points: mean over seeds, bars +-1 std; star: fitted optimum, bar +-1 sigma; < or > beside a point: the "
+        "optimum lies at or beyond that edge of the grid (a bound); x: diverged; open ^ at the top: above the "
+        "plotted range; dashed, open markers: an incomplete line (no optimum marked)"
+    )
+    note = textwrap.fill(note, int(17 * width))
+    fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=7)
+    fig.tight_layout(rect=(0, 0.03 * (note.count("\n") + 1), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def x_names(x: str) -> tuple[str, str]:
-    """(axis label, symbol) of the swept key: base LR / eta for optim.lr, else the key's own name."""
-    return X_NAMES.get(x, (f"base {x.rsplit('.', 1)[-1]}", x.rsplit(".", 1)[-1]))
+def _draw_line(ax: Any, ln: ts.LineOptimum, style: tuple, lim: Optional[tuple], label: str) -> None:
+    color, marker = style
+    pts = [p for p in ln.points if math.isfinite(p.mean)]
+    top = lim[1] if lim else math.inf
+    shown = [p for p in pts if p.mean <= top]
+    ls = "-" if ln.complete else "--"
+    ax.errorbar(
+        [p.lr for p in shown], [p.mean for p in shown],
+        yerr=[p.std if math.isfinite(p.std) else 0.0 for p in shown],
+        fmt=marker + ls, color=color, ms=5, lw=1.4, capsize=2, label=label, mfc=color if ln.complete else "white",
+    )  # fmt: skip
+    above = [p.lr for p in pts if p.mean > top]
+    diverged = [p.lr for p in ln.points if p.n_diverged]
+    if lim and above:
+        ax.plot(above, [top] * len(above), "^", color=color, ms=7, mfc="white", clip_on=False)
+    if lim and diverged:
+        ax.plot(diverged, [top] * len(diverged), "x", color=color, ms=8, mew=2, clip_on=False)
+    if not ln.complete:  # its optimum is not an estimate of anything yet: no fit, no marker
+        return
+    if ln.fit is not None:  # the parabola through the bracket, thin
+        u = [math.log(ln.points[i].lr) for i in ln.bracket]
+        grid = [u[0] + (u[2] - u[0]) * k / 40 for k in range(41)]
+        ax.plot([math.exp(g) for g in grid], [ln.fit(g) for g in grid], "-", color=color, lw=0.8, alpha=0.7)
+    if ln.method in ("fit", "grid"):
+        y = ln.fit(ln.ln_eta) if ln.fit is not None else min(p.mean for p in pts)
+        err = [[ln.eta - math.exp(ln.ln_eta - ln.sigma)], [math.exp(ln.ln_eta + ln.sigma) - ln.eta]]
+        ax.errorbar([ln.eta], [y], xerr=err, fmt="*", color=color, ms=14, mec="black", mew=0.7, capsize=3, zorder=5)
+    elif ln.method == "edge":
+        best = next(p for p in ln.points if p.lr == ln.best_lr)
+        tri, beside = ("<", 0.84) if ln.edge == "low" else (">", 1.19)  # beside the point, pointing outwards
+        ax.plot([best.lr * beside], [best.mean], tri, color=color, ms=10, mec="black", mew=0.7, zorder=5)
 
 
-def plot_shift(analysis: dict, path: Path, line: str = "model.dim", x: str = "optim.lr") -> None:
-    """eta* against m (log-log) per panel with the fitted line; bars are +-half a grid step."""
+def plot_shift(panels: dict[str, ts.Panel], args: ReportArgs, path: Path) -> None:
+    """eta* against m (log-log) per rule with +-1 sigma bars and the fitted slope where a verdict is given.
+    Series are offset sideways by a few percent and drawn with their own marker and line style, so rules
+    with identical optima (all rules coincide at m = 1) stay visible."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.8, 3.6))
-    for color, (panel, p) in zip(_colors(len(analysis)), sorted(analysis.items()), strict=False):
-        pts = [o for o in p["optima"] if math.isfinite(o["m"])]
-        if not pts:
+    fig, ax = plt.subplots(figsize=(6.2, 4.4))
+    names = sorted(panels)
+    drawn = False
+    for i, (name, color) in enumerate(zip(names, _colors(len(names)), strict=True)):
+        pan, marker, ls = panels[name], MARKERS[i % len(MARKERS)], LINESTYLES[i % len(LINESTYLES)]
+        offset = 1 + 0.04 * (i - (len(names) - 1) / 2)
+        lines = [ln for ln in pan.lines if ln.ln_eta is not None]
+        if not lines:
             continue
-        ms, etas = [o["m"] for o in pts], [o["x"] for o in pts]
-        half = math.exp(p["grid_step_ln"] / 2) if math.isfinite(p["grid_step_ln"]) else 1.0
-        err = [[e - e / half for e in etas], [e * half - e for e in etas]]
-        fit = p["fit"]
-        label = panel if not math.isfinite(fit["slope"]) else f"{panel}: {fit['slope']:+.2f} ± {fit['sigma_grid']:.2f}"
-        ax.errorbar(ms, etas, yerr=err, fmt="o", color=color, capsize=3, label=label)
-        edge = [o for o in pts if o["edge"]]  # open markers: eta* at the grid edge, the true optimum may lie beyond
-        ax.plot([o["m"] for o in edge], [o["x"] for o in edge], "o", mfc="white", mec=color, ms=8, zorder=4)
-        if math.isfinite(fit["slope"]):
-            ax.plot(ms, [math.exp(fit["intercept"]) * m ** fit["slope"] for m in ms], "-", color=color, lw=1)
-    _log_ticks(ax, "x", sorted({o["m"] for p in analysis.values() for o in p["optima"] if math.isfinite(o["m"])}))
-    _log_ticks(ax, "y", sorted({o["x"] for p in analysis.values() for o in p["optima"]}))
-    ax.set_xlabel("width multiplier m" if line == "model.dim" else f"multiplier m = {line} / base")
-    label, sym = x_names(x)
-    ax.set_title(f"open markers: {sym}* at the edge of the grid", fontsize=9)
-    ax.set_ylabel(f"optimal {label} {sym}*")
+        drawn = True
+        ms = [ln.width / pan.base_width * offset for ln in lines]
+        label = f"{name}: {_verdict_text(pan.shift, args)}"
+        usable = [(m, ln) for m, ln in zip(ms, lines, strict=True) if ln.usable]
+        if usable:
+            ax.errorbar(
+                [m for m, _ in usable], [ln.eta for _, ln in usable],
+                yerr=[[ln.eta - math.exp(ln.ln_eta - ln.sigma) for _, ln in usable],
+                      [math.exp(ln.ln_eta + ln.sigma) - ln.eta for _, ln in usable]],
+                fmt=marker, color=color, ms=7, capsize=3, label=label, zorder=3,
+            )  # fmt: skip
+            label = None
+        others = [(m, ln) for m, ln in zip(ms, lines, strict=True) if not ln.usable]
+        for m, ln in others:  # a bound or an unfinished line: open markers, never in the fit
+            mk = {"low": "v", "high": "^"}.get(ln.edge or "", marker) if ln.complete else marker
+            ax.plot([m], [ln.eta], mk, color=color, ms=8, mfc="white", label=label, zorder=3)
+            label = None
+        s = pan.shift
+        if s.verdict is not None:
+            xs = [ln.width / pan.base_width for ln in pan.lines]
+            ax.plot([x * offset for x in xs], [math.exp(s.intercept) * x**s.slope for x in xs], ls, color=color, lw=1)
+    widths = sorted({ln.width / pan.base_width for pan in panels.values() for ln in pan.lines})
+    _log_ticks(ax, "x", widths)
+    _log_ticks(ax, "y", sorted({ln.eta for pan in panels.values() for ln in pan.lines if ln.eta is not None}))
+    ax.set_xlabel(f"{axis_name(args)} multiplier m = {args.line} / base")
+    ax.set_ylabel("optimal {} {}*".format(*x_names(args.x)))
+    ax.set_title(
+        "filled: optimum with +-1 sigma; open: incomplete line, or v/^ an optimum at the\n"
+        "low/high edge of the grid (a bound); series offset sideways by a few % to stay visible",
+        fontsize=8,
+    )
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    if drawn:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def plot_alignment(records: list[dict], name: str, path: Path) -> bool:
-    """Probe metrics of one run: a panel per metric, a line per probed layer (keys probe/<layer>/<metric>)."""
+    """Probe metrics of one run: a panel per metric, a line per probed layer (the probe records' keys
+    probe/<layer>/<metric>), one legend for the figure; identical series keep their own marker and style."""
     from lingua_wd.probes import parse_probe_key  # noqa: PLC0415 (torch only when alignment plots are asked for)
 
     series: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    for r in records:
+    for r in probe_records(records):
         for k, v in r.items():
             key = parse_probe_key(k)  # (layer, metric); the layer may be median/<class>
             if key is not None and isinstance(v, (int, float)):
@@ -388,27 +428,43 @@ def plot_alignment(records: list[dict], name: str, path: Path) -> bool:
         return False
     plt = _plt()
     metrics = sorted(series)
+    layers = sorted({layer for m in metrics for layer in series[m]})
+    style = {layer: (MARKERS[i % len(MARKERS)], LINESTYLES[i % len(LINESTYLES)]) for i, layer in enumerate(layers)}
     cols = min(3, len(metrics))
     rows = math.ceil(len(metrics) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.3 * rows + 0.6), squeeze=False)
+    handles: dict[str, Any] = {}
     for ax, metric in zip(axes.flat, metrics, strict=False):
-        for layer, pts in sorted(series[metric].items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) < 30 else "-", ms=3, lw=1.2, label=layer)
+        same: dict[tuple, list[str]] = {}
+        for i, layer in enumerate(sorted(series[metric])):
+            pts = sorted(series[metric][layer])
+            same.setdefault(tuple(pts), []).append(layer)
+            marker, ls = style[layer]
+            every = max(len(layers), len(pts) // 12)  # each layer its own phase: coinciding markers never overlap
+            (h,) = ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], ls=ls, marker=marker, ms=4,
+                markevery=(i % every, every), lw=1.2 + 1.2 * (len(layers) - 1 - i) / max(1, len(layers) - 1), label=layer,
+            )  # fmt: skip
+            handles.setdefault(layer, h)
         ax.set_title(metric, fontsize=10)
         ax.set_xlabel("step")
+        ax.set_ylabel(metric)
+        groups = [g for g in same.values() if len(g) > 1]  # lines drawn on top of each other: say so
+        if groups:
+            note = "identical: " + "; ".join(" = ".join(g) for g in groups)
+            ax.text(0.01, 0.99, textwrap.fill(note, 60), transform=ax.transAxes, fontsize=6, va="top")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(name, fontsize=10)
-    fig.tight_layout()
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, len(handles)), fontsize=8)
+    fig.suptitle(f"{name}: probe metrics per layer", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(handles) // 4), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
 
-# ----------------------------------------------------------------------------- report.md
+# ----------------------------------------------------------------------------- text
 
 
 def _f(v: Any, fmt: str = ".4f") -> str:
@@ -417,92 +473,152 @@ def _f(v: Any, fmt: str = ".4f") -> str:
     return "-" if v is None else str(v)
 
 
-def loss_table(curves: list[Curve], panel: str, args: ReportArgs) -> list[str]:
-    cs = [c for c in curves if c.panel == panel]
-    xs = sorted({x for c in cs for x in c.xs})
-    lines = [f"| {args.line} \\ {args.x} | " + " | ".join(f"{x:.3g}" for x in xs) + " |"]
-    lines.append("|" + " --- |" * (len(xs) + 1))
-    for c in cs:
-        opt = optimum(c)
-        cells = []
-        for x in xs:
-            if x not in c.xs:
-                cells.append("")
-                continue
-            i = c.xs.index(x)
-            cell = {"ok": _f(c.ys[i]), "div": "div", "missing": "..."}[c.status[i]]
-            cells.append(f"**{cell}**" if opt and x == opt["x"] else cell)
-        lines.append(f"| {c.width} | " + " | ".join(cells) + " |")
-    return lines
+def _verdict_text(s: ts.Shift, args: ReportArgs) -> str:
+    if s.verdict is None:
+        return f"verdict withheld: {s.reason}"
+    verdict = s.verdict.replace("width", axis_name(args))
+    return f"{verdict}: slope {s.slope:+.2f} +- {s.sigma:.2f}"
+
+
+def _eta_text(ln: ts.LineOptimum) -> str:
+    """eta* with its 1-sigma factor (x/ exp(sigma)), or the bound at an edge."""
+    if ln.eta is None:
+        return "-"
+    if ln.method == "edge":
+        return f"{'<=' if ln.edge == 'low' else '>='} {ln.eta:.3g}"
+    return f"{ln.eta:.3g} x/ {math.exp(ln.sigma):.2f}" if ln.sigma else f"{ln.eta:.3g}"
+
+
+def _point_cell(p: ts.Point, best: bool) -> str:
+    if p.n_diverged:
+        cell = "div" + (f" ({p.n_diverged} of {p.n + p.n_diverged + p.n_missing})" if p.n + p.n_missing else "")
+    elif not math.isfinite(p.mean):
+        cell = "..."
+    else:
+        cell = _f(p.mean) + (f" +- {p.std:.4f}" if math.isfinite(p.std) else "")
+        if p.n_missing:
+            cell += f" ({p.n_missing} ...)"
+    return f"**{cell}**" if best else cell
+
+
+def loss_table(pan: ts.Panel, args: ReportArgs) -> list[str]:
+    """Loss per line x LR: mean +- std over the finished seeds, `...` not finished, `div` diverged."""
+    xs = sorted({p.lr for ln in pan.lines for p in ln.points})
+    out = [f"| {args.line} \\ {args.x} | " + " | ".join(f"{x:.3g}" for x in xs) + " |", "|" + " --- |" * (len(xs) + 1)]
+    for ln in pan.lines:
+        by_lr = {p.lr: p for p in ln.points}
+        cells = [_point_cell(by_lr[x], x == ln.best_lr) if x in by_lr else "" for x in xs]
+        out.append(f"| {ln.width:g} | " + " | ".join(cells) + " |")
+    return out
+
+
+def panel_section(name: str, pan: ts.Panel, args: ReportArgs, finding: Optional[ts.PaperFinding]) -> list[str]:
+    s = pan.shift
+    md = ["", f"### {name}", ""]
+    if s.verdict is None:
+        md.append(f"**Verdict withheld**: {s.reason}.")
+    else:
+        md.append(f"**{s.verdict.replace('width', axis_name(args))}**: {s.reason} (1 sigma {s.sigma:.3f}).")
+    if finding is not None:
+        slope = f", expected slope {finding.slope:+.2f}" if finding.slope is not None else ""
+        md.append(f"The paper, same setup: **{finding.verdict}**{slope}. {finding.text} ({finding.source})")
+    md += [
+        "",
+        f"| {args.line} | m | status | eta* (x/ 1 sigma) | best grid LR | loss there | how | regret at base eta* |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for ln, rg in zip(pan.lines, pan.regret, strict=True):
+        best = next((p for p in ln.points if p.lr == ln.best_lr), None)
+        regret = _f(rg.regret) + (f" +- {rg.sigma:.4f}" if rg.sigma else "") if rg.regret is not None else "-"
+        regret += f" ({rg.note})" if rg.note else ""
+        md.append(
+            f"| {ln.width:g} | {ln.width / pan.base_width:g} | {ln.status} | {_eta_text(ln)} | "
+            f"{_f(ln.best_lr, '.3g')} | {_f(best.mean) if best else '-'} | {ln.note} | {regret} |"
+        )
+    return md + ["", *loss_table(pan, args)]
+
+
+def runs_table(results: list[RunResult]) -> list[str]:
+    md = ["", "## Runs", "", "| run | state | last step | train loss | val loss |", "| --- | --- | --- | --- | --- |"]
+    for r in results:
+        state = f"diverged ({r.state})" if r.diverged and state_kind(r.state) != "done" else r.state
+        state = "done, diverged" if r.diverged and state_kind(r.state) == "done" else state
+        md.append(f"| {r.name} | {state} | {r.last_step} | {_f(r.train)} | {_f(r.val)} |")
+    return md
+
+
+def panel_json(pan: ts.Panel, finding: Optional[ts.PaperFinding]) -> dict:
+    lines = []
+    for ln in pan.lines:
+        d = {k: v for k, v in asdict(ln).items() if k not in ("fit", "points")}
+        d |= {"m": ln.width / pan.base_width, "status": ln.status, "eta": ln.eta, "complete": ln.complete}
+        d["eta_text"] = _eta_text(ln)
+        d["points"] = [asdict(p) for p in ln.points]
+        lines.append(d)
+    return {
+        "base": pan.base_width,
+        "lines": lines,
+        "shift": asdict(pan.shift),
+        "regret": [asdict(r) for r in pan.regret],
+        "paper": asdict(finding) if finding else None,
+    }
+
+
+# ----------------------------------------------------------------------------- the report
 
 
 def write_report(sweep_dir: Path, out: Path, manifest: dict, results: list[RunResult], args: ReportArgs) -> dict:
     extra = axis_keys(manifest, args)
-    d0 = base_width(results, args, sweep_dir, manifest)
-    states = defaultdict(int)
+    d0 = base_value(results, args, sweep_dir, manifest)
+    counts: dict[str, int] = defaultdict(int)
     for r in results:
-        states["diverged" if r.diverged else r.state] += 1
+        counts["diverged" if r.diverged else state_kind(r.state)] += 1
+    diffs = setup_differences(results)
     md = [f"# LR transfer: sweep `{manifest['name']}`", ""]
-    md.append(f"{len(results)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(states.items())) + ".")
-    md.append(
-        f"Multiplier m = {args.line} / {d0:g}. Final train loss = mean training loss of the last {args.last_n} "
-        "steps (the paper's measure); val = last validation loss. Unfinished runs are left out (`...`); diverged runs "
-        "(a non-finite loss) are marked x / `div` and never count as an optimum. The slope of ln eta* against ln m is "
-        "0 when the optimal base LR transfers; its `+- grid` is the error from locating eta* on the grid alone."
-    )
-    summary: dict[str, Any] = {"sweep": manifest["name"], "base_dim": d0, "last_n": args.last_n, "metrics": {}}
+    md.append(f"{len(results)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".")
+    md += [
+        "",
+        f"Multiplier m = {args.line} / {d0:g}. Final train loss = mean training loss of the last {args.last_n} steps "
+        "(the paper takes the last 100); val = last validation loss. Seeds are averaged (mean +- sample std). The optimum "
+        "of a line is the vertex of a parabola in ln LR through its best finished point and the neighbours, with "
+        "its uncertainty from the seeds' spread (one seed: the grid cell); a line with unfinished runs is "
+        "*incomplete*, an optimum at the edge of the finished LRs is only a bound (*at grid edge*), and neither "
+        "enters a verdict. Verdicts compare the 2-sigma interval of the slope of ln eta* vs ln m with "
+        f"+-{args.tol:g}. Regret: the loss at each {axis_name(args)} at the LR picked at m = 1, minus the best "
+        "loss there (lingua_wd/transfer_stats.py).",
+        "",
+        "This sweep is the paper's setup (App. G.3): its findings are shown next to the measured ones."
+        if not diffs
+        else "Not the paper's setup (App. G.3), so its findings are not compared: " + "; ".join(diffs) + ".",
+    ]
+    summary: dict[str, Any] = {"sweep": manifest["name"], "base": d0, "line": args.line, "last_n": args.last_n}
+    summary |= {"tol": args.tol, "paper_setup": not diffs, "setup_differences": diffs, "metrics": {}}
     for metric in ("train", "val"):
-        curves = build_curves(results, args, extra, metric)
-        if not any(math.isfinite(y) for c in curves for y in c.ys):
-            continue
-        analysis = analyse(curves, d0)
-        png = f"transfer_{metric}.png"
+        grouped = group_runs(results, args, extra, metric)
+        panels = {name: ts.analyse_panel(lines, d0, args.tol) for name, lines in sorted(grouped.items())}
+        if not any(p.n for pan in panels.values() for ln in pan.lines for p in ln.points):
+            continue  # no run has this metric (e.g. no validation set)
         ylabel = METRICS[metric].format(n=args.last_n)
-        plot_transfer(curves, analysis, args, d0, ylabel, out / png)
-        plot_shift(analysis, out / f"shift_{metric}.png", args.line, args.x)
-        md += ["", f"## {ylabel}", "", f"![{metric}]({png})", "", f"![optimum vs width](shift_{metric}.png)", ""]
-        md += [
-            "| panel | slope of ln eta* vs ln m | +- grid | +- residual | widths | verdict |",
-            "| --- | --- | --- | --- | --- | --- |",
-        ]
-        for panel, p in sorted(analysis.items()):
-            f = p["fit"]
-            md.append(
-                f"| {panel} | {_f(f['slope'], '+.3f')} | {_f(f['sigma_grid'], '.3f')} | {_f(f['sigma_resid'], '.3f')} | {f['n']} | {verdict(f, p['any_edge'], args.line)} |"
-            )
-        md += [
-            "",
-            "Optimum per width:",
-            "",
-            f"| panel | {args.line} | m | eta* | {metric} loss at eta* | at grid edge |",
-            "| --- | --- | --- | --- | --- | --- |",
-        ]
-        for panel, p in sorted(analysis.items()):
-            for o in p["optima"]:
-                md.append(
-                    f"| {panel} | {o['width']} | {_f(o['m'], 'g')} | {o['x']:.4g} | {o['loss']:.4f} | {'yes' if o['edge'] else ''} |"
-                )
-        for panel in sorted(analysis):
-            md += ["", f"{metric} loss, {panel} (optimum in bold):", "", *loss_table(curves, panel, args)]
-        summary["metrics"][metric] = {k: {**v, "optima": v["optima"]} for k, v in analysis.items()}
-    md += ["", "## Runs", "", "| run | state | last step | train loss | val loss |", "| --- | --- | --- | --- | --- |"]
-    for r in results:
-        state = "diverged" if r.diverged else r.state
-        md.append(f"| {r.name} | {state} | {r.last_step} | {_f(r.train)} | {_f(r.val)} |")
+        plot_transfer(panels, args, d0, ylabel, out / f"transfer_{metric}.png")
+        plot_shift(panels, args, out / f"shift_{metric}.png")
+        md += ["", f"## {ylabel}", "", f"![{metric}](transfer_{metric}.png)", ""]
+        md += [f"![optimum vs {axis_name(args)}](shift_{metric}.png)"]
+        summary["metrics"][metric] = {}
+        for name, pan in panels.items():
+            finding = comparable_finding(panel_rule(results, name, args, extra), not diffs)
+            md += panel_section(name, pan, args, finding)
+            summary["metrics"][metric][name] = panel_json(pan, finding)
+    md += runs_table(results)
     for name in args.alignment_runs:
         run = next((r for r in manifest["runs"] if r["name"] == name), None)
         check(run is not None, "report.alignment_runs", f"no run named {name}")
         png = f"alignment_{name}.png"
-        if plot_alignment(read_metrics(sweep_dir / run["dump_dir"] / "metrics.jsonl"), name, out / png):
-            md += ["", f"## Alignment probes: {name}", "", f"![alignment {name}]({png})"]
+        md += ["", f"## Alignment probes: {name}", ""]
+        if plot_alignment(RunDir(sweep_dir / run["dump_dir"]).read_metrics(), name, out / png):
+            md.append(f"![alignment {name}]({png})")
         else:
-            md += [
-                "",
-                f"## Alignment probes: {name}",
-                "",
-                "(no probe/* metrics logged: enable probes in the run config)",
-            ]
-    summary["runs"] = [r.__dict__ for r in results]
+            md.append("(no probe records: enable probes in the run config)")
+    summary["runs"] = [asdict(r) for r in results]
     (out / "report.md").write_text("\n".join(md) + "\n")
     (out / "report.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
@@ -512,6 +628,7 @@ def report(sweep_dir: str | os.PathLike, args: Optional[ReportArgs] = None, out_
     """Gather, analyse, plot and write report.md; returns the summary that report.json holds."""
     sweep_dir = Path(sweep_dir)
     args = args or report_args(sweep_dir, [])
+    check(args.tol > 0, "report.tol", f"must be > 0, got {args.tol}")
     manifest, results = gather(sweep_dir, args)
     out = Path(out_dir) if out_dir else sweep_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -534,24 +651,38 @@ class ReportCommand(ReportArgs):
     out_dir: str = ""  # where report.md, report.json and the figures go ("" = the sweep dir)
 
 
+def console_lines(summary: dict) -> list[str]:
+    """Per metric and panel: the verdict or why it is withheld, then each line's optimum and status."""
+    out = []
+    for metric, panels in summary["metrics"].items():
+        for name, pan in panels.items():
+            s = pan["shift"]
+            if s["verdict"] is None:
+                head = f"verdict withheld: {s['reason']}"
+            else:
+                head = f"{s['verdict']}: {s['reason']}"
+            out.append(f"[report] {metric:5s} {name}: {head}")
+            for ln in pan["lines"]:
+                out.append(
+                    f"[report]       {ln['width']:g} (m={ln['m']:g}): eta* {ln['eta_text']} [{ln['status']}; {ln['note']}]"
+                )
+            if pan["paper"]:
+                out.append(f"[report]       the paper (same setup): {pan['paper']['verdict']}")
+    return out
+
+
 def _main(args: ReportCommand) -> int:
     check(bool(args.sweep_dir), "sweep_dir", "give the sweep directory: lingua-wd report SWEEP_DIR")
     fields_ = {k: v for k, v in args.__dict__.items() if k not in ("sweep_dir", "out_dir")}
     summary = report(args.sweep_dir, ReportArgs(**fields_), args.out_dir or None)
-    for metric, panels in summary["metrics"].items():
-        for panel, p in sorted(panels.items()):
-            opts = ", ".join(f"{o['width']}: {o['x']:.3g}" for o in p["optima"])
-            f = p["fit"]
-            print(
-                f"[report] {metric:5s} {panel}: eta* {opts}; slope {_f(f['slope'], '+.3f')} +- {_f(f['sigma_grid'], '.3f')}"
-            )
+    print("\n".join(console_lines(summary)))
     print(f"[report] wrote {Path(args.out_dir or args.sweep_dir) / 'report.md'}")
     return 0
 
 
 USAGE = """usage: lingua-wd report SWEEP_DIR [key=value ...] [out_dir=DIR]
   keys default to the sweep's `report:` section, e.g.
-  lingua-wd report dumps/sweeps/cpu_small last_n=20 'alignment_runs=[d64_lr4e-3_independent]'"""
+  lingua-wd report dumps/sweeps/cpu_small last_n=20 'alignment_runs=[d64_lr4e-3_mup]'"""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,8 +111,11 @@ class RunDir:
     def write_done(self, record: dict[str, Any]) -> None:
         _atomic_write(self.done, json.dumps(record))
 
-    def write_exit(self, code: int, step: int, cause: str = "") -> None:
-        """Record how the trainer ended (rank 0, at exit): what `lingua-wd status` shows for a failure."""
+    def write_exit(
+        self, code: int, step: int, cause: str = "", started: Optional[float] = None, start_step: Optional[int] = None
+    ) -> None:
+        """Record how the trainer ended (rank 0, at exit): what `lingua-wd status` shows for a failure.
+        `started` (epoch s) and `start_step` (the step it resumed from) time the session: status's ETA."""
         record = {
             "code": code,
             "cause": cause or exit_cause(code),
@@ -120,6 +123,8 @@ class RunDir:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "time": time.time(),
+            "started": started,
+            "start_step": start_step,
         }
         _atomic_write(self.exit_file, json.dumps(record))
 
@@ -131,7 +136,7 @@ class RunDir:
         (epoch s it was started at), e.g. when it was killed or never got to start."""
         rec = self.read_exit()
         if rec is None or float(rec.get("time", 0)) < since:
-            self.write_exit(code, last_loss(self.read_metrics())[0], cause)
+            self.write_exit(code, last_loss(self.read_metrics())[0], cause, started=since)
 
     def write_cancelled(self, job: str, reason: str = "") -> None:
         """A launcher saw the user cancel the run (its job): sweeps leave it alone until asked."""
@@ -179,6 +184,19 @@ def _proc_start(pid: int) -> Optional[int]:
     except OSError:
         return None
     return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def process_start_time() -> float:
+    """Epoch seconds this process started (Linux /proc: its start ticks after boot, plus the boot time), so a
+    session's timing includes the interpreter's and torch's start-up; time.time() where /proc is missing."""
+    try:
+        ticks = _proc_start(os.getpid())
+        btime = next(
+            int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+        )
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, TypeError, ValueError):
+        return time.time()
 
 
 def _boot_id() -> str:
@@ -298,12 +316,40 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+# metrics.jsonl holds four kinds of records, told apart by their keys (every record has "step"):
+#   train  {"step", "loss", "lr", "grad_norm", "tokens_per_s", ...}  every log_freq steps and at the end;
+#          "loss" is the mean training loss of the steps since the previous train record
+#   val    {"step", "val/loss"}                                      every eval_freq steps and at the end
+#   probe  {"step", "probe/<layer>/<metric>", ...}                   every probes.every steps, its own record
+#   event  {"step", "event", ...}                                    e.g. a loss spike (lingua_wd/guard.py)
+PROBE_PREFIX = "probe/"
+
+
+def train_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if "loss" in r and "step" in r and "event" not in r]
+
+
+def probe_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records holding probe metrics (their own records; before issue 15 they rode on the train records)."""
+    return [r for r in records if "step" in r and any(k.startswith(PROBE_PREFIX) for k in r)]
+
+
 def last_loss(records: list[dict[str, Any]]) -> tuple[int, float]:
     """(step, loss) of the last training-loss record, (0, nan) if none."""
-    for rec in reversed(records):
-        if "loss" in rec and "step" in rec:
-            return int(rec["step"]), float(rec["loss"])
-    return 0, math.nan
+    train = train_records(records)
+    return (int(train[-1]["step"]), float(train[-1]["loss"])) if train else (0, math.nan)
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    """How run durations are shown (console lines, summaries, `lingua-wd status`): 45s, 12m05s, 3h07m."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _read_json(path: Path) -> Optional[dict[str, Any]]:

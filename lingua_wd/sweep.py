@@ -42,8 +42,10 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from lingua_wd import status
 from lingua_wd.args import ConfigError, check, help_text, load_config, parse_args
-from lingua_wd.rundir import EXIT_OK, EXIT_REQUEUE, RunDir, exit_cause
+from lingua_wd.rundir import EXIT_OK, EXIT_REQUEUE, RunDir, exit_cause, format_duration, holder_alive
+from lingua_wd.status import state_kind
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SNAPSHOT_ITEMS = ("lingua_wd", "apps", "configs", "slurm", "pyproject.toml")
@@ -86,9 +88,8 @@ class ReportArgs:
     panel: str = "scaling.wd"  # dotted key(s), comma-separated, with one panel per value
     average: list[str] = field(default_factory=lambda: ["seed"])  # keys averaged over (seeds)
     last_n: int = 100  # final loss = mean training loss over the last N steps (the paper: 100)
-    base_dim: int = (
-        0  # line value of m = 1 (0: the runs' scaling.base_dim / base_depth / base_batch, else the smallest)
-    )
+    tol: float = 0.5  # verdict: "transfers" if the slope's 2-sigma interval lies within +-tol (eta* moves < m^tol)
+    base_dim: int = 0  # line value of m = 1 (0: the runs' scaling.base_dim / base_depth / base_batch, else the smallest)
     alignment_runs: list[str] = field(default_factory=list)  # run names whose probe metrics are plotted too
 
 
@@ -360,14 +361,18 @@ def file_state(run: RunDir) -> str:
 def run_state(dump_dir: str | os.PathLike, job_state: Optional[str] = None) -> str:
     """done | queued | running | cancelled | failed (exit N: cause) | resume | started | new.
 
-    `job_state` is SLURM's word for the run's latest job (None: no job known). A live job wins over the
-    run dir's records; a failure is the last exit recorded in EXIT.json (by the trainer, else its launcher).
+    `job_state` is SLURM's word for the run's latest job (None: no job known). A live job, or a live trainer
+    holding the run's LOCK (a local launcher's), wins over the run dir's records; a failure is the last exit
+    recorded in EXIT.json (by the trainer, else its launcher).
     """
     run = RunDir(dump_dir)
     if run.is_done():
         return "done"
     if job_state in SLURM_LIVE:
         return SLURM_LIVE[job_state]
+    holder = run.lock_holder()
+    if holder is not None and holder_alive(holder):
+        return "running"
     if run.read_cancelled() is not None or job_state == "CANCELLED":
         return "cancelled"
     rec = run.read_exit()
@@ -375,11 +380,6 @@ def run_state(dump_dir: str | os.PathLike, job_state: Optional[str] = None) -> s
         code = int(rec["code"])
         return f"failed (exit {code}: {rec.get('cause') or exit_cause(code)})"
     return file_state(run)
-
-
-def state_kind(state: str) -> str:
-    """`failed (exit 2: config error)` -> `failed`."""
-    return state.split(" ", 1)[0]
 
 
 def snapshot_code(dest: Path, src: Optional[Path] = None) -> None:
@@ -595,6 +595,8 @@ def launch_local(
     else:
         slots = [gpus[: args.nproc] if gpus else None]
     threads = args.threads or (max(1, (os.cpu_count() or 1) // len(slots)) if not gpus else 0)
+    at_a_time = len(slots)
+    done = sum(state_kind(run_state(sweep_dir / r["dump_dir"])) == "done" for r in manifest["runs"])
     codes: dict[str, int] = {}
     running: list[tuple[subprocess.Popen, dict, Optional[list[int]], Any, float]] = []
     print(f"[sweep] {len(todo)} of {len(manifest['runs'])} runs to train, {len(slots)} at a time", flush=True)
@@ -624,11 +626,36 @@ def launch_local(
                 log.close()
                 slots.append(dev)
                 code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode  # killed: as a shell says
+                cause = ""
+                if stopper.stop and code == 128 + signal.SIGTERM:  # our SIGTERM came before its handler was set
+                    code, cause = EXIT_REQUEUE, "stopped by the sweep during its start-up, nothing saved"
                 codes[run["name"]] = code
-                RunDir(sweep_dir / run["dump_dir"]).record_exit(code, started)
-                what = {EXIT_OK: "finished", EXIT_REQUEUE: "stopped after a checkpoint"}.get(code, "FAILED")
-                print(f"[sweep] {run['name']}: {what} (exit {code}: {exit_cause(code)})", flush=True)
+                RunDir(sweep_dir / run["dump_dir"]).record_exit(code, started, cause)
+                done += RunDir(sweep_dir / run["dump_dir"]).is_done()
+                print(finish_line(sweep_dir, manifest, run, code, time.time() - started, at_a_time, done), flush=True)
     return codes
+
+
+def finish_line(sweep_dir: Path, manifest: dict, run: dict, code: int, wall: float, parallel: int, done: int) -> str:
+    """`[sweep] [k/N] name -> final loss 3.4123, val 3.3012 (52s); ETA 10m05s (...)` once a run exits; k counts
+    the runs done, one more per run this launcher saw finish (runs finishing together are counted in turn)."""
+    states = run_states(sweep_dir, manifest)
+    runs = status.sweep_progress(sweep_dir, manifest, states)
+    rd = RunDir(sweep_dir / run["dump_dir"])
+    record = rd.read_done() if code == EXIT_OK else None
+    if record is not None:
+        loss, val = record.get("train_loss_last"), record.get("val_loss")
+        what = "finished"
+        if isinstance(loss, (int, float)):
+            what = f"final loss {loss:.4f} (mean of the last {record.get('last_n', '?')} steps)"
+        what += f", val {val:.4f}" if isinstance(val, (int, float)) else ""
+    elif code == EXIT_REQUEUE:
+        what = f"{(rd.read_exit() or {}).get('cause') or exit_cause(code)} (exit 75): the same command resumes it"
+    else:
+        what = f"FAILED ({states[run['name']]}); see {rd.train_log}"
+    left, how = status.eta(runs, parallel)
+    tail = f"; ETA {format_duration(left)} ({how})" if left else ""
+    return f"[sweep] [{done}/{len(runs)}] {run['name']} -> {what} ({format_duration(wall)}){tail}"
 
 
 # ----------------------------------------------------------------------------- SLURM
@@ -796,18 +823,14 @@ def submit(path: Path) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-def print_runs(manifest: dict, states: dict[str, str]) -> None:
-    runs = manifest["runs"]
-    print(f"sweep {manifest['name']}: {len(runs)} runs in {manifest['sweep_dir']}")
-    width = max(len(r["name"]) for r in runs)
-    swidth = max(len(s) for s in states.values())
-    for r in runs:
-        params = " ".join(f"{k}={v}" for k, v in r["params"].items())
-        print(f"  {r['index']:4d}  {r['name']:<{width}}  {states[r['name']]:<{swidth}}  {params}")
-    counts: dict[str, int] = {}
-    for st in states.values():
-        counts[state_kind(st)] = counts.get(state_kind(st), 0) + 1
-    print("  " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+def runs_at_a_time(args: SweepArgs) -> int:
+    """How many runs the launcher trains at once, for the ETA (0: unknown, status counts the running ones)."""
+    if args.launcher == "slurm":
+        return args.slurm.max_parallel
+    if args.launcher == "local_parallel":
+        gpus = visible_gpus()
+        return args.local.jobs or (len(gpus) // max(1, args.local.nproc) if gpus else 0)
+    return 1
 
 
 USAGE = """usage: lingua-wd sweep SWEEP.yaml [key=value ...] [--dry-run] [--retry-failed] [--resnapshot]
@@ -837,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
         dry, retry = "--dry-run" in flags, "--retry-failed" in flags
         sweep_dir, manifest = prepare(args, rest[0], resnapshot="--resnapshot" in flags, write=not dry)
         states = run_states(sweep_dir, manifest, persist=not dry)
-        print_runs(manifest, states)
+        print(status.report(sweep_dir, manifest, states, runs_at_a_time(args)), flush=True)
         todo = pending_runs(sweep_dir, manifest, retry, states)
         if dry:
             return dry_run(manifest, todo, args)

@@ -56,7 +56,9 @@ from lingua_wd.metrics import (
     Throughput,
     check_logging_args,
     console_line,
+    eta_seconds,
     peak_flops,
+    run_summary,
     setup_logging,
 )
 from lingua_wd.model import ModelArgs, Transformer, count_params, flops_per_token
@@ -341,6 +343,8 @@ class Trainer:
         self.recent: list[float] = []  # the last LAST_N global mean losses, for DONE
         self.deferred = False  # a checkpoint was due during a divergence streak
         self.stop_cause = ""
+        self.start_step = 0  # the step this session started (resumed) at
+        self.loop_t0 = time.perf_counter()  # when this session's loop started (ETA, summary)
         self.forced: list[str] = []  # config changes accepted by guard.force_resume
 
     def config_for_resume(self) -> dict:
@@ -351,8 +355,9 @@ class Trainer:
         conflicts = resume_conflicts(saved, self.config_for_resume()) if saved else []
         if conflicts and not self.args.guard.force_resume:
             raise ConfigError(
-                f"{conflicts[0].split()[0]}: changed since checkpoint {path.name}: "
-                f"{'; '.join(conflicts)} (set guard.force_resume=true to resume anyway)"
+                f"{conflicts[0].split()[0]}: changed since checkpoint {path.name}: {'; '.join(conflicts)}. "
+                f"A new config is a new run: give it a new dump_dir (this one holds the old run); "
+                f"only to continue this run with the change, set guard.force_resume=true"
             )
         self.forced = conflicts
 
@@ -362,7 +367,7 @@ class Trainer:
             self.logger.truncate_to(0)  # no checkpoint: the run starts afresh, and so does metrics.jsonl
             return
         mine = states[self.env.rank] if len(states) == self.env.world else states[0]
-        self.step = mine["step"]
+        self.step = self.start_step = mine["step"]
         self.scheduler.load_state_dict(mine["scheduler"])
         self.spikes.load_state_dict(mine["spikes"])
         if self.probes is not None and "probes" in mine:
@@ -464,7 +469,7 @@ class Trainer:
             self.deferred = True
         return False
 
-    def log(self, grad_norm, lr: float, meter: Throughput, probe_metrics: dict) -> None:
+    def log(self, grad_norm, lr: float, meter: Throughput) -> None:
         """One sync per log step: losses, skip flags and counters come to the host together."""
         env = self.env
         rows = torch.stack(self.pending)  # (n, 2): local loss, skipped
@@ -495,16 +500,18 @@ class Trainer:
         }
         if env.device.type == "cuda":
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(env.device) / 1e9
-        record.update(probe_metrics)
         self.logger.log(record)
-        log.info(console_line(record))
+        elapsed = time.perf_counter() - self.loop_t0
+        eta = eta_seconds(self.step - self.start_step, self.args.steps - self.start_step, elapsed)
+        log.info(console_line(record, self.args.steps, elapsed, eta))
         self.loader.flush_warnings()
 
     def evaluate(self) -> None:
         self.val_loss = evaluate(self.model, self.val, self.env.device)
         if self.val_loss is not None:
             self.logger.log({"step": self.step, "val/loss": self.val_loss})
-            log.info("step %6d | val loss %.4f", self.step, self.val_loss)
+            width = len(str(self.args.steps))
+            log.info(f"step {self.step:>{width}d}/{self.args.steps} | val loss {self.val_loss:.4f}")
 
     def run(self, stop: StopFlag) -> int:
         """The loop; after each step: log, eval, then (stop or checkpoint due) save, in that order, so
@@ -522,7 +529,8 @@ class Trainer:
         if env.is_main and self.run_dir.done.exists():  # continuing a finished run (more steps, forced)
             self.run_dir.done.unlink()
         meter = Throughput(flops_per_token(self.model, args.data.seq_len), peak_flops(env.device), env.world)
-        started = self.step
+        started = self.start_step = self.step
+        self.loop_t0 = time.perf_counter()
         while self.step < args.steps:
             batch = self.loader.next_batch().to(env.device, non_blocking=True)
             lr = self.optimizer.param_groups[self.lr_group]["lr"]
@@ -533,8 +541,10 @@ class Trainer:
             self.pending.append(torch.stack([loss.float(), bad.float()]))
             meter.add(self.tokens_per_step // env.world)
             last = self.step == args.steps
-            if self.step % args.log_freq == 0 or last or probe_metrics:
-                self.log(grad_norm, lr, meter, probe_metrics)
+            if probe_metrics:  # their own record at their own steps: the loss lines keep their cadence
+                self.logger.log({"step": self.step, **probe_metrics})
+            if self.step % args.log_freq == 0 or last:
+                self.log(grad_norm, lr, meter)
                 if args.guard.max_nonfinite and self.nonfinite >= args.guard.max_nonfinite:
                     raise Diverged(
                         f"{self.nonfinite} steps had a non-finite loss or gradient norm "
@@ -551,23 +561,49 @@ class Trainer:
                 )
                 log.warning("%s: exit %d (requeue)", self.stop_cause, EXIT_REQUEUE)
                 return EXIT_REQUEUE
-        self.finish()
+        if self.finish() and env.is_main:
+            log.info(self.summary(meter))
         return 0
 
-    def finish(self) -> None:
-        """DONE (rank 0): the final step, the global mean loss of the last LAST_N steps, the last val loss."""
+    def final_train_loss(self) -> tuple[float, int]:
+        """(mean, n): the global mean training loss over the last n = min(LAST_N, steps) steps, non-finite
+        steps left out (the paper's final loss, App. G.3)."""
+        finite = [v for v in self.recent if math.isfinite(v)]
+        return (sum(finite) / len(finite) if finite else math.nan), len(finite)
+
+    def finish(self) -> bool:
+        """DONE (rank 0): the final step, tokens, the global mean loss of the last LAST_N steps and its n,
+        the last val loss. Returns whether it was written (False on other ranks)."""
         if not self.env.is_main:
-            return
+            return False
         if self.lock is not None and not self.lock.held():
             log.error("dump_dir: another trainer took over this run directory's lock; DONE not written")
             self.lock = None
-            return
-        finite = [v for v in self.recent if math.isfinite(v)]
-        self.run_dir.write_done(
+            return False
+        loss, n = self.final_train_loss()
+        record = {"step": self.step, "train_loss_last": loss, "val_loss": self.val_loss}
+        self.run_dir.write_done({**record, "last_n": n, "tokens": self.step * self.tokens_per_step})
+        return True
+
+    def summary(self, meter: Throughput) -> str:
+        """The end-of-run paragraph: final losses, tokens, this session's wall time, tokens/s and MFU."""
+        wall = time.perf_counter() - self.loop_t0
+        steps = self.step - self.start_step
+        tps = steps * self.tokens_per_step / wall if wall > 0 else math.nan
+        mfu = tps * meter.fpt / (meter.peak * meter.world) if meter.peak else None
+        loss, n = self.final_train_loss()
+        return run_summary(
             {
                 "step": self.step,
-                "train_loss_last": sum(finite) / len(finite) if finite else math.nan,
+                "tokens": self.step * self.tokens_per_step,
+                "train_loss": loss,
+                "last_n": n,
                 "val_loss": self.val_loss,
+                "session_steps": steps,
+                "wall_s": wall,
+                "resumed_from": self.start_step,
+                "tokens_per_s": tps,
+                "mfu": mfu,
             }
         )
 
@@ -587,6 +623,7 @@ class ExitRecord:
 
     def __init__(self, run: RunDir, is_main: bool):
         self.run, self.is_main = run, is_main
+        self.started = rundir.process_start_time()  # this session's start, imports included: status's ETA
         self.lock: Optional[rundir.RunLock] = None
         self.trainer: Optional[Trainer] = None
         self.refused = False  # another live trainer holds the directory: write nothing into it
@@ -599,8 +636,9 @@ class ExitRecord:
             return
         if self.lock is None and not may_record(self.run):
             return
+        start_step = self.trainer.start_step if self.trainer is not None else None
         try:
-            self.run.write_exit(code, self.step(), cause)
+            self.run.write_exit(code, self.step(), cause, started=self.started, start_step=start_step)
         except OSError as err:
             log.warning("could not write %s (%s)", self.run.exit_file, err.strerror or err)
 

@@ -292,14 +292,21 @@ def plot(args: TransferArgs, result: dict, path: str) -> None:
     ax.legend()
     b = base_target(args)
     base_row = class_row(rule_plan(args, "sp", b, 0.0).classes["hidden"], b.dim)
-    for key, row in [("base run", base_row), *((k, v["classes"]["hidden"]) for k, v in target["rules"].items())]:
+    curves = [("base run", base_row), *((k, v["classes"]["hidden"]) for k, v in target["rules"].items())]
+    seen: dict[tuple, str] = {}  # rules with the same curves (e.g. independent and timescale) are named, not hidden
+    for i, (key, row) in enumerate(curves):
         # the base run on its own schedule; r: Muon's update RMS per unit LR (eq 30 in units of r)
         n = args.steps if key == "base run" else T
         lrs, r = row["lr"] * schedule_factors(args.schedule, n), row.get("update_rms", 1.0)
         rho = r * theory.rms_model(lrs, row["eta_lambda"] / row["lr"], row["init_std"] / r)
-        style = {"color": "k", "ls": "--"} if key == "base run" else {}
-        axes[1].plot(np.arange(n + 1), rho, label=key, **style)
-        axes[2].plot(np.arange(n), theory.relative_updates(lrs, rho, b=r), label=key, **style)
+        rel = theory.relative_updates(lrs, rho, b=r)
+        same = seen.setdefault((tuple(np.round(rho, 12)), tuple(np.round(rel, 12))), key)
+        label = key if same == key else f"{key} (= {same})"
+        # own marker, staggered along the curve, earlier curves wider underneath: coinciding curves stay visible
+        style = {"marker": "os^Dv<>ph"[i % 9], "ms": 5, "markevery": (i * n // (10 * len(curves)), max(1, n // 10))}
+        style |= {"color": "k", "ls": "--"} if key == "base run" else {"lw": 1 + 2.0 * (len(curves) - i) / len(curves)}
+        axes[1].plot(np.arange(n + 1), rho, label=label, **style)
+        axes[2].plot(np.arange(n), rel, label=label, **style)
     axes[1].set(
         yscale="log",
         xlabel="step",
@@ -308,6 +315,7 @@ def plot(args: TransferArgs, result: dict, path: str) -> None:
     )
     axes[2].set(yscale="log", xlabel="step", ylabel="eta_t / rho_t", title="relative update (eq 35)")
     axes[1].legend(fontsize=8)
+    axes[2].legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -9,7 +9,8 @@ Each row builds a fresh model exactly as the trainer does (meta -> FSDP2 with bf
 per-block compile -> to_empty -> init_weights; AdamW from lingua_wd.optim.build_optimizer), runs warm-up
 steps (compilation included), then times steps with CUDA events (no host sync inside a step) and reports
 the median. A row that runs out of memory reads "OOM". The markdown table (device, versions, command, date)
-is rewritten after every row, so a run killed by a time limit keeps what it measured. See docs/performance.md.
+is rewritten after every row (default dumps/bench/benchmarks_perf.md: outputs stay out of the source tree
+unless --out names a path there), so a run killed by a time limit keeps what it measured. See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -447,7 +448,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=loss_mod.CHUNK_SIZE, help="tokens per chunk of the chunked CE")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
-    p.add_argument("--out", default="docs/benchmarks_perf.md", help="markdown table written after every row")
+    p.add_argument(
+        "--out",
+        default="dumps/bench/benchmarks_perf.md",
+        help="markdown table written after every row (not the source tree)",
+    )
     p.add_argument("--budget-s", type=float, default=0, help="skip the rows left after this many seconds (0: none)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU, no compile: checks the script")
     p.add_argument("--profile", action="store_true", help="also profile 2 steps per row: time by kernel category")

@@ -417,7 +417,7 @@ def write_fake_sweep(root: Path, line: str, values: list[int], base_key: str, ba
     """A finished sweep without training: loss = 3 + 0.1 ln(lr / lr*)^2 with lr* = 1e-2 (value / base)^shift."""
     runs = []
     for v in values:
-        for lr in (1.25e-3, 2.5e-3, 5e-3, 1e-2, 2e-2):
+        for lr in (6.25e-4, 1.25e-3, 2.5e-3, 5e-3, 1e-2, 2e-2):  # every optimum bracketed
             for rule, k in shift.items():
                 name = f"{v}_{lr:g}_{rule}"
                 d = root / "runs" / name
@@ -445,14 +445,15 @@ def test_report_multiplier_is_line_over_the_runs_base_for_depth(tmp_path):
     args = ReportArgs(line="model.n_layers", panel="scaling.depth", last_n=1)
     summary = rep.report(sweep, args)
     train = summary["metrics"]["train"]
-    assert [o["m"] for o in train["none"]["optima"]] == [2.0, 4.0, 8.0]  # L / base_depth (1), not L / 2
-    assert train["none"]["fit"]["slope"] == pytest.approx(-1.0, abs=1e-9)
-    assert train["completep"]["fit"]["slope"] == pytest.approx(0.0, abs=1e-9)
+    assert [ln["m"] for ln in train["none"]["lines"]] == [2.0, 4.0, 8.0]  # L / base_depth (1), not L / 2
+    assert train["none"]["shift"]["slope"] == pytest.approx(-1.0, abs=1e-9)
+    assert train["completep"]["shift"]["slope"] == pytest.approx(0.0, abs=1e-9)
+    assert train["none"]["shift"]["verdict"] == "shifts with width"  # transfer_stats' words, the report's below
     md = (sweep / "report.md").read_text()
-    assert "Multiplier m = model.n_layers / 1" in md and "shifts with model.n_layers" in md
+    assert "Multiplier m = model.n_layers / 1" in md and "shifts with depth" in md
     steps = write_fake_sweep(tmp_path / "t", "steps", [100, 200, 400], "scaling.base_tokens", 10**6, {"none": 0.0})
     fit = rep.report(steps, ReportArgs(line="steps", panel="scaling.depth", last_n=1))["metrics"]["train"]["none"]
-    assert [o["m"] for o in fit["optima"]] == [1.0, 2.0, 4.0]  # no base key for steps: the smallest value
+    assert [ln["m"] for ln in fit["lines"]] == [1.0, 2.0, 4.0]  # no base key for steps: the smallest value
 
 
 def test_shipped_axis_sweeps_validate():

@@ -163,6 +163,7 @@ def test_trainer_help_lists_every_key_with_default_and_meaning():
         ("train", "optim.lr="),
         ("sweep", "launcher="),
         ("report", "last_n="),
+        ("status", "parallel="),
         ("transfer", "transfer.widths="),
         ("coordcheck", "params="),
         ("export", "ckpt_dir="),

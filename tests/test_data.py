@@ -497,3 +497,57 @@ def test_lines_longer_than_a_read_block(tmp_path, monkeypatch):
         assert list(read_docs(str(path))) == docs
         full = list(read_lines(str(path)))
         assert list(read_lines(str(path), full[2][1], full[2][2])) == full[3:]
+
+
+# ----------------------------------------------------------------------------- progress of the start-up work
+
+PROGRESS_CODE = """
+import logging, sys
+from pathlib import Path
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from lingua_wd.data.corpus import ensure_stdlib_corpus
+from lingua_wd.data.tokenizers import train_bpe
+ensure_stdlib_corpus(sys.argv[1], max_bytes=2 << 20, n_shards=4)
+train_bpe(600, Path(sys.argv[1]) / "bpe.json", max_bytes=1 << 20)
+"""
+
+
+def _run_in(root: Path, terminal: bool, rank: str = "0") -> str:
+    """The corpus build and a BPE training in a subprocess whose stderr is a sized pseudo-terminal or a pipe."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "RANK": rank}
+    cmd = [sys.executable, "-c", PROGRESS_CODE, str(root)]
+    if not terminal:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=True).stderr
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # tqdm sizes its bar to it
+    proc = subprocess.Popen(cmd, env=env, stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 1 << 16)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait(timeout=120) == 0
+    return out.decode(errors="replace")
+
+
+def test_corpus_build_and_bpe_training_show_progress_on_rank_0_in_a_terminal(tmp_path):
+    """A user in a terminal sees bars (tqdm for the corpus, the tokenizers library's for BPE); a log file or
+    another rank gets the start and end lines only."""
+    shown = _run_in(tmp_path / "tty", terminal=True)
+    assert "corpus: reading the stdlib:" in shown and "file/s" in shown and "corpus: writing shards:" in shown
+    assert "Compute merges" in shown and "trained the BPE tokenizer in" in shown
+    logged = _run_in(tmp_path / "pipe", terminal=False)
+    assert "building the bundled corpus" in logged and "built the bundled corpus: " in logged
+    assert "corpus: reading" not in logged and "Compute merges" not in logged and "\r" not in logged
+    other = _run_in(tmp_path / "rank1", terminal=True, rank="1")
+    assert "corpus: reading" not in other and "Compute merges" not in other and "built the bundled corpus" in other

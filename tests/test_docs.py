@@ -22,3 +22,41 @@ def test_every_key_has_a_help_line():
     ).stdout
     missing = [line.split("`")[1] for line in out.splitlines()[2:] if line.rstrip().endswith("|  |")]
     assert not missing, f"fields without a '# help' comment: {missing}"
+
+
+def test_default_outputs_stay_out_of_the_source_tree(tmp_path, monkeypatch):
+    """Every command and script writes into a run or sweep dir, dumps/ (git-ignored) or a path the user names:
+    no default output path points into the source tree (issue 15: docs/benchmarks_perf.md, transfer.yaml)."""
+    import ast
+    import dataclasses
+    import importlib
+    import pkgutil
+
+    import lingua_wd
+
+    def ok(default) -> bool:
+        return default in ("", None) or str(default).startswith("dumps/")
+
+    assert "dumps/" in (ROOT / ".gitignore").read_text().split()
+    for script in sorted((ROOT / "scripts").glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument" and node.args:
+                flag = getattr(node.args[0], "value", "")
+                default = next((k.value for k in node.keywords if k.arg == "default"), None)
+                if flag in ("--out", "--out-dir", "--output") and not isinstance(default, ast.Constant | type(None)):
+                    raise AssertionError(f"{script.name} {flag}: a computed default")
+                if flag in ("--out", "--out-dir", "--output") and default is not None:
+                    assert ok(default.value), f"{script.name} {flag} defaults to {default.value!r}"
+    for info in pkgutil.iter_modules(lingua_wd.__path__):
+        module = importlib.import_module(f"lingua_wd.{info.name}")
+        for cls in vars(module).values():
+            if dataclasses.is_dataclass(cls) and isinstance(cls, type) and cls.__module__ == module.__name__:
+                for f in dataclasses.fields(cls):
+                    if f.name in ("out", "out_dir", "plot", "dump_dir", "dump_root") and isinstance(f.default, str):
+                        assert ok(f.default), f"{cls.__name__}.{f.name} defaults to {f.default!r}"
+    # and for real: lingua-wd-transfer with its defaults writes nothing where it runs
+    from lingua_wd.transfer import main as transfer_main
+
+    monkeypatch.chdir(tmp_path)
+    assert transfer_main(["model.dim=128", "transfer.widths=[256]"]) in (0, None)
+    assert list(tmp_path.iterdir()) == []

@@ -157,9 +157,10 @@ def test_diverging_run_never_checkpoints_its_weights(tmp_path, tiny):
 
 @pytest.mark.slow
 def test_random_kills_leave_metrics_identical(tmp_path, tiny):
-    """kill -9 at random steps, log_freq not dividing checkpoint.every, a NaN step in between:
-    metrics.jsonl (every line, events and val lines too) and DONE are the uninterrupted run's."""
-    common = [*tiny, *FAST, "steps=30", "checkpoint.every=4", "guard.inject_nan_steps=[9]"]
+    """kill -9 at random steps, log_freq not dividing checkpoint.every, a NaN step in between, probes on:
+    metrics.jsonl (every line, events, probe and val records too) and DONE are the uninterrupted run's."""
+    probes = ["probes.every=5", "probes.layers=[layers.0.attention.wq]"]
+    common = [*tiny, *FAST, *probes, "steps=30", "checkpoint.every=4", "guard.inject_nan_steps=[9]"]
     ref = tmp_path / "ref"
     run_train([f"dump_dir={ref}", *common])
     dump, rng, killed = tmp_path / "kills", random.Random(1), 0
@@ -177,6 +178,7 @@ def test_random_kills_leave_metrics_identical(tmp_path, tiny):
     run_train([f"dump_dir={dump}", *common])
     assert lines(dump) == lines(ref) and done(dump) == done(ref)
     assert any('"nonfinite_steps": 1' in x for x in lines(dump))
+    assert sum('"probe/layers.0.attention.wq/rrc"' in x for x in lines(dump)) == 6  # steps 1, 6, ..., 26
 
 
 def test_restart_without_checkpoint_starts_metrics_afresh(tmp_path, tiny):

@@ -104,7 +104,8 @@ def test_resume_refuses_exactness_breaking_changes(tmp_path, tiny):
     proc = run_train([f"dump_dir={dump}", *common, "optim.lr=1e-3", "guard.crash_in_checkpoint=4"], check=False)
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("config error: optim.lr: changed since checkpoint") and "force_resume" in line
+    assert line.startswith("config error: optim.lr: changed since checkpoint")
+    assert line.index("give it a new dump_dir") < line.index("guard.force_resume=true")  # a new run first
     # harmless changes resume
     run_train([f"dump_dir={dump}", *common, "log_freq=2", "probes.every=3", "guard.crash_in_checkpoint=4"], check=False)
     forced = run_train([f"dump_dir={dump}", *common, "optim.lr=1e-3", "guard.force_resume=true"])

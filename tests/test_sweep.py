@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from omegaconf import OmegaConf
 
 from lingua_wd import report as rep
 from lingua_wd import sweep as sw
+from lingua_wd import transfer_stats as ts
 from lingua_wd.args import ConfigError
 from lingua_wd.cli import main as cli_main
 from lingua_wd.rundir import RunDir
@@ -288,7 +290,7 @@ def test_local_skip_and_resume(tmp_path: Path, fake_repo: Path, fake_env: Path, 
     assert [(c["run"], c["start"]) for c in calls] == [("d64_lr1e-3", 0), ("d128_lr1e-3", 0), ("d64_lr1e-3", 3)]
     assert calls[0]["argv"][0] == str(sweep_dir / "code" / "apps" / "train.py")  # the snapshot runs
     assert sw.launch_local(sweep_dir, manifest, args.local) == {}  # all done: nothing to do
-    steps = [r["step"] for r in rep.read_metrics(sweep_dir / "runs" / "d64_lr1e-3" / "metrics.jsonl") if "loss" in r]
+    steps = [r["step"] for r in RunDir(sweep_dir / "runs" / "d64_lr1e-3").read_metrics() if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
@@ -339,7 +341,7 @@ def test_signal_to_local_launcher_checkpoints_and_resumes(tmp_path: Path, fake_r
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 75, out
-    assert "stopped after a checkpoint" in out
+    assert "lr1e-3 -> stopped by a signal, checkpoint saved (exit 75): the same command resumes it" in out
     sweep_dir = tmp_path / "sweeps" / "sig"
     assert sw.run_state(sweep_dir / "runs" / "lr1e-3") == "resume"
     assert sw.run_state(sweep_dir / "runs" / "lr2e-3") == "new"  # no new run starts after the signal
@@ -637,39 +639,44 @@ def test_final_train_loss_weights_each_logged_step():
     assert rep.last_val_loss(recs) == 9.0 and math.isnan(rep.last_val_loss([]))
 
 
-def test_curves_average_seeds_and_mark_divergence():
+def test_run_states_map_onto_outcomes():
+    """done -> done, a logged non-finite loss or exit 3 -> diverged, everything unfinished -> incomplete."""
+    v = {"optim.lr": 1e-3, "model.dim": 64}
+    assert rep.RunResult("a", "done", v, train=3.0).outcome("train") == ts.Outcome("done", 3.0)
+    assert rep.RunResult("b", "done", v, diverged=True).outcome("train").status == "diverged"
+    assert rep.RunResult("c", "failed (exit 3: diverged)", v, diverged=True).outcome("train").status == "diverged"
+    for state in ("new", "started", "resume", "queued", "running", "cancelled", "failed (exit 2: config error)"):
+        assert rep.RunResult("d", state, v, train=2.0).outcome("train").status == "incomplete", state
+    assert rep.RunResult("e", "done", v, train=3.0).outcome("val").status == "incomplete"  # no val loss logged
+
+
+def test_group_runs_averages_seeds_and_keeps_the_missing():
     args = sw.ReportArgs(panel="scaling.width,scaling.wd")
 
-    def v(lr: float, seed: int) -> dict:
-        return {"optim.lr": lr, "model.dim": 64, "scaling.width": "mup", "scaling.wd": "none", "seed": seed}
+    def v(lr: float, seed: int, dim: int = 64) -> dict:
+        return {"optim.lr": lr, "model.dim": dim, "scaling.width": "mup", "scaling.wd": "none", "seed": seed}
 
     results = [
         rep.RunResult("a", "done", v(1e-3, 0), train=3.0), rep.RunResult("b", "done", v(1e-3, 1), train=2.0),
         rep.RunResult("c", "done", v(2e-3, 0), train=1.0), rep.RunResult("d", "done", v(2e-3, 1), diverged=True),
         rep.RunResult("e", "done", v(4e-3, 0), train=2.2), rep.RunResult("f", "resume", v(4e-3, 1), train=0.1),
-        rep.RunResult("g", "started", v(8e-3, 0), train=0.1),
+        rep.RunResult("g", "queued", v(8e-3, 0), train=0.1),
     ]  # fmt: skip
-    (c,) = rep.build_curves(results, args, [], "train")
-    assert c.panel == "mup/none" and c.xs == [1e-3, 2e-3, 4e-3, 8e-3]
-    assert c.ys[0] == 2.5 and math.isnan(c.ys[1]) and c.ys[2] == 2.2 and math.isnan(c.ys[3])
-    assert c.status == ["ok", "div", "ok", "missing"]
-    assert rep.optimum(c) == {"x": 4e-3, "loss": 2.2, "index": 2, "edge": False}
-
-
-def test_fit_shift_and_grid_uncertainty():
-    fit = rep.fit_shift([1, 2, 4, 8], [8e-3, 4e-3, 2e-3, 1e-3], math.log(2))
-    assert fit["slope"] == pytest.approx(-1.0) and fit["sigma_resid"] == pytest.approx(0.0, abs=1e-9)
-    sxx = sum((math.log(m) - math.log(8) * 0.5) ** 2 for m in [1, 2, 4, 8])
-    assert fit["sigma_grid"] == pytest.approx(math.log(2) / math.sqrt(12) / math.sqrt(sxx))
-    assert math.isnan(rep.fit_shift([1], [1e-3], math.log(2))["slope"])
-    assert rep.grid_step([1e-3, 2e-3, 4e-3, 8e-3]) == pytest.approx(math.log(2))
-    assert rep.verdict({"slope": 0.1, "sigma_grid": 0.2, "sigma_resid": math.nan}, False).startswith("transfers")
-    assert rep.verdict({"slope": -1.0, "sigma_grid": 0.2, "sigma_resid": 0.9}, True).startswith("shifts")
-    assert rep.verdict({"slope": -1.0, "sigma_grid": 0.2, "sigma_resid": 0.0}, True).endswith("at the grid edge")
+    grouped = rep.group_runs(results, args, [], "train")
+    assert list(grouped) == ["mup/none"] and list(grouped["mup/none"]) == [64.0]
+    line = ts.line_optimum(64, grouped["mup/none"][64.0])
+    p = {pt.lr: pt for pt in line.points}
+    assert p[1e-3].mean == 2.5 and p[1e-3].std == pytest.approx(math.sqrt(0.5)) and p[1e-3].n == 2
+    assert p[2e-3].mean == math.inf and p[4e-3].n_missing == 1 and p[8e-3].n_missing == 1
+    assert not line.complete and line.status == "incomplete (2 missing)"
+    with pytest.raises(ConfigError, match="report.line"):
+        rep.group_runs([rep.RunResult("h", "done", {**v(1e-3, 0), "model.dim": "wide"})], args, [], "train")
 
 
 def test_report_on_fake_sweep(tmp_path: Path, fake_repo: Path, fake_env: Path, monkeypatch: pytest.MonkeyPatch):
-    """Known optima: lr* = 1e-2 m^-1 for standard, 1e-2 for independent -> slopes -1 and 0, one optimum per width."""
+    """Known optima: lr* = 1e-2 m^-1 for standard, 1e-2 for independent. With one standard run unfinished the
+    standard verdict is withheld naming it; once it finishes: slope -1 (shifts), 0 (transfers), and the regret of
+    standard is exactly 0.1 (ln m)^2 (the fake loss is a parabola in ln lr)."""
     monkeypatch.setenv("FAKE_SHIFT", json.dumps({"standard": -1.0, "independent": 0.0}))
     grid = {
         "model.dim": [64, 128, 256],
@@ -683,47 +690,93 @@ def test_report_on_fake_sweep(tmp_path: Path, fake_repo: Path, fake_env: Path, m
     args.report.alignment_runs = ["d64_lr1e-2_standard"]
     args.local.jobs = 4
     sweep_dir, manifest = sw.prepare(args, src=fake_repo)
-    # one diverged run and one unfinished run: neither may become an optimum
+    # one diverged run (never an optimum, not missing) and one run left unfinished
     div = sweep_dir / "runs" / "d256_lr4e-2_independent"
     write(div / "metrics.jsonl", '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": NaN}\n')
     (div / "DONE").write_text("{}")
-    assert sw.launch_local(sweep_dir, manifest, args.local, parallel=True).get("d256_lr4e-2_independent") is None
-    (sweep_dir / "runs" / "d256_lr4e-2_standard" / "DONE").unlink()
+    todo = [r for r in sw.pending_runs(sweep_dir, manifest) if r["name"] != "d256_lr5e-3_standard"]
+    assert sw.launch_local(sweep_dir, manifest, args.local, parallel=True, runs=todo).get(div.name) is None
     with open(sweep_dir / "runs" / "d64_lr1e-2_standard" / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": 20, "probe/layers.0.feed_forward.w1/alignment_ratio": 1.1}) + "\n")
+        f.write(json.dumps({"step": 20, "probe/layers.0.feed_forward.w1/align_ratio": 1.1}) + "\n")
     summary = rep.report(sweep_dir, rep.report_args(sweep_dir, []))
     train = summary["metrics"]["train"]
     assert sorted(train) == ["independent", "standard"]
-    assert [(o["width"], o["x"]) for o in train["standard"]["optima"]] == [(64, 0.01), (128, 0.005), (256, 0.0025)]
-    assert [(o["width"], o["x"]) for o in train["independent"]["optima"]] == [(64, 0.01), (128, 0.01), (256, 0.01)]
-    assert train["standard"]["fit"]["slope"] == pytest.approx(-1.0)
-    assert train["independent"]["fit"]["slope"] == pytest.approx(0.0, abs=1e-12)
-    assert train["standard"]["optima"][2]["edge"] is False  # 2.5e-3 is not the smallest LR tried
-    assert summary["metrics"]["val"]["standard"]["fit"]["slope"] == pytest.approx(-1.0)
-    states = {r["name"]: (r["state"], r["diverged"]) for r in summary["runs"]}
-    assert states["d256_lr4e-2_independent"] == ("done", True) and states["d256_lr4e-2_standard"][0] == "resume"
+    std, ind = train["standard"], train["independent"]
+    assert std["shift"]["verdict"] is None and std["shift"]["n_missing"] == 1
+    assert "1 of 18 runs not finished (missing per width 256: 1)" in std["shift"]["reason"]
+    assert [ln["status"] for ln in std["lines"]] == ["ok", "ok", "incomplete (1 missing)"]
+    assert [ln["eta"] for ln in ind["lines"]] == [pytest.approx(1e-2)] * 3  # the exact parabola's vertex
+    assert ind["shift"]["verdict"] == "transfers" and ind["shift"]["slope"] == pytest.approx(0.0, abs=1e-9)
+    assert [r["regret"] for r in ind["regret"]] == [pytest.approx(0.0, abs=1e-9)] * 3
+    assert ind["lines"][2]["points"][-1]["n_diverged"] == 1
     md = (sweep_dir / "report.md").read_text()
-    assert "![train](transfer_train.png)" in md and "| standard | 64 | 1 | 0.01 |" in md
-    assert (
-        "div" in md
-        and "shifts with width" in md
-        and "transfers" in md
-        and "## Alignment probes: d64_lr1e-2_standard" in md
-    )
+    assert "**Verdict withheld**: 1 of 18 runs not finished" in md and "incomplete (1 missing)" in md
+    assert "Not the paper's setup" in md and "## Alignment probes: d64_lr1e-2_standard" in md
     for png in ("transfer_train.png", "transfer_val.png", "shift_train.png", "alignment_d64_lr1e-2_standard.png"):
         assert (sweep_dir / png).stat().st_size > 5000
+    # the last run finishes: the verdict is drawn
+    sw.launch_local(sweep_dir, manifest, args.local, parallel=True)
+    std = rep.report(sweep_dir, rep.report_args(sweep_dir, []))["metrics"]["train"]["standard"]
+    assert std["shift"]["verdict"] == "shifts with width" and std["shift"]["slope"] == pytest.approx(-1.0)
+    assert [ln["eta"] for ln in std["lines"]] == [pytest.approx(1e-2), pytest.approx(5e-3), pytest.approx(2.5e-3)]
+    regret = [r["regret"] for r in std["regret"]]
+    assert regret == [
+        pytest.approx(0.0, abs=1e-9),
+        pytest.approx(0.1 * math.log(2) ** 2),
+        pytest.approx(0.1 * math.log(4) ** 2),
+    ]
     # the CLI: overrides on top of the sweep's report section
     assert cli_main(["report", str(sweep_dir), "last_n=3", f"out_dir={tmp_path / 'r2'}"]) == 0
     assert json.loads((tmp_path / "r2" / "report.json").read_text())["last_n"] == 3
     assert cli_main(["report", str(sweep_dir), "last_m=3"]) == 2
+    assert cli_main(["report", str(sweep_dir), "tol=0"]) == 2
 
 
-# ----------------------------------------------------------------------------- end to end, the real trainer
+def test_report_names_the_paper_setup_and_its_finding(tmp_path: Path):
+    """Runs with the paper's App. G.3 shape get the paper's finding next to theirs; other shapes do not."""
+    paper = OmegaConf.load(ROOT / "configs" / "paper" / "llama.yaml")
+    values = {k: OmegaConf.select(paper, k) for k in rep.SETUP_KEYS}
+    results = [rep.RunResult("a", "done", {**values, "scaling.width": "mup", "scaling.wd": "independent"})]
+    assert rep.setup_differences(results) == []
+    assert rep.comparable_finding("independent", True).verdict == "transfers"
+    assert rep.comparable_finding("timescale", True) is None  # [003]'s finding comes from ResNets, not this setup
+    assert rep.comparable_finding("independent", False) is None
+    results[0].values["model.n_layers"] = 2
+    assert rep.setup_differences(results) == ["model.n_layers=2 (paper: 20)"]
 
 
+def test_status_table_eta_and_finish_lines(tmp_path: Path, fake_repo: Path, fake_env: Path, capsys):
+    """`lingua-wd status`: state, step k/N and last loss per run, k of N done; the ETA from the sessions timed in
+    EXIT.json (same model shape: its pace; n at a time); the launcher prints `[k/N] name -> ...` per run."""
+    args = sweep_args(tmp_path, {"optim.lr": [1e-3, 2e-3, 4e-3], "model.dim": [64, 128]})
+    sweep_dir, manifest = sw.prepare(args, src=fake_repo)
+    first = [r for r in manifest["runs"] if r["name"] in ("lr1e-3_d64", "lr1e-3_d128")]
+    sw.launch_local(sweep_dir, manifest, args.local, runs=first)
+    out = capsys.readouterr().out
+    assert "[sweep] [1/6] lr1e-3_d64 -> finished (" in out and "[sweep] [2/6] lr1e-3_d128 -> finished (" in out
+    failed = RunDir(sweep_dir / "runs" / "lr2e-3_d64")
+    failed.write_exit(3, 2, "diverged")
+    # time the two finished sessions: 2 s/step at d64, 4 s/step at d128
+    for name, pace in (("lr1e-3_d64", 2.0), ("lr1e-3_d128", 4.0)):
+        RunDir(sweep_dir / "runs" / name).write_exit(0, 6, started=time.time() - 6 * pace, start_step=0)
+    assert cli_main(["status", str(sweep_dir)]) == 0
+    text = capsys.readouterr().out
+    row = next(line for line in text.splitlines() if " lr1e-3_d64 " in line)
+    assert row.split()[2:5] == ["done", "6/6", f"{3.0 + 0.1 * math.log(0.1) ** 2 + 1 / 6:.4f}"]
+    assert "lr2e-3_d64" in text and "failed (exit 3: diverged)" in text
+    # left: lr2e-3_d128 (6 steps x 4 s), lr4e-3_d64 (6 x 2 s), lr4e-3_d128 (6 x 4 s); the failed run is not counted
+    assert "2 of 6 done (1 failed, 3 new); ETA 1m00s (from 2 measured runs, 1 at a time)" in text
+    assert cli_main(["status", str(sweep_dir), "parallel=2"]) == 0 and "ETA 30s" in capsys.readouterr().out
+    assert cli_main(["status", str(tmp_path)]) == 2 and "no manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(sw.train_args_class() is None, reason="the trainer is not importable")
-def test_local_sweep_of_real_trainer_end_to_end(tmp_path: Path):
-    """`lingua-wd sweep` then `lingua-wd report` on 4 tiny CPU runs: one optimum per width."""
+def test_half_finished_real_sweep_status_and_report(tmp_path: Path):
+    """As a user would, with the real trainer: `lingua-wd sweep` shows `[k/N] name -> final loss` as runs finish;
+    stopped (Ctrl-C) with 2 of 6 runs done, `lingua-wd status` shows every run's state, step and loss, k of N
+    and an ETA measured on the finished runs, and `lingua-wd report` withholds every verdict naming the missing
+    runs; the same command resumes the sweep, and the report then rests on complete lines."""
     sweep_file = write(
         tmp_path / "tiny.yaml",
         f"""
@@ -737,36 +790,64 @@ def test_local_sweep_of_real_trainer_end_to_end(tmp_path: Path):
           eval_batches: 1
           data.seq_len: 32
           data.batch_size: 8
-          data.micro_batch_size: 4
+          data.micro_batch_size: 8
+          data.workers: 0
           model.head_dim: 32
           checkpoint.every: 0
-          logging.wandb_mode: disabled
           scaling.width: mup
           scaling.base_dim: 64
         grid:
           model.dim: [64, 128]
-          optim.lr: [3.0e-3, 3.0e-1]
+          optim.lr: [3.0e-3, 3.0e-2, 3.0e-1]
         report: {{last_n: 4, panel: scaling.wd}}
         launcher: local_parallel
-        local: {{jobs: 2}}
+        local: {{jobs: 2, threads: 1}}
     """,
     )
-    assert cli_main(["sweep", str(sweep_file)]) == 0
     sweep_dir = tmp_path / "sweeps" / "tiny"
-    names = [r["name"] for r in sw.load_manifest(sweep_dir)["runs"]]
-    assert names == ["d64_lr3e-3", "d64_lr0.3", "d128_lr3e-3", "d128_lr0.3"]
-    for n in names:
-        run = sweep_dir / "runs" / n
-        assert (run / "DONE").is_file() and (run / "config.yaml").is_file()
-        assert OmegaConf.load(run / "config.yaml").dump_dir == str(run)
+    cmd = [sys.executable, "-m", "lingua_wd.cli", "sweep", str(sweep_file)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:  # wait for the second run to finish
+        seen.append(line)
+        if line.startswith("[sweep] [2/6] "):
+            break
+    assert any(
+        re.match(r"\[sweep\] \[1/6\] d64_lr\S+ -> final loss \d\.\d{4} \(mean of the last 8 steps\)", x) for x in seen
+    ), seen
+    manifest = sw.load_manifest(sweep_dir)
+    deadline = time.time() + 60
+    while "running" not in sw.run_states(sweep_dir, manifest).values():  # the next two trainers hold their LOCK
+        assert time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # the running trainers checkpoint and exit 75; no new run starts
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 75, rest
+    states = sw.run_states(sweep_dir, manifest)
+    assert list(states.values()).count("done") == 2 and "running" not in states.values()
+    out = subprocess.run([*cmd[:3], "status", str(sweep_dir)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[1]: line.split() for line in out.stdout.splitlines()[2:-1]}
+    done = [n for n, row in rows.items() if row[2] == "done"]
+    assert len(done) == 2 and all(rows[n][3] == "8/8" and float(rows[n][4]) > 0 for n in done)
+    eta = r"2 of 6 done \(.*\); ETA \d+(s|m\d\ds) \(from \d measured runs, 1 at a time"
+    assert re.search(eta, out.stdout), out.stdout
     assert cli_main(["report", str(sweep_dir)]) == 0
     summary = json.loads((sweep_dir / "report.json").read_text())
-    optima = summary["metrics"]["train"]["standard"]["optima"]
-    assert [o["width"] for o in optima] == [64, 128]  # exactly one optimum per width
-    assert all(o["x"] in (3e-3, 0.3) and math.isfinite(o["loss"]) for o in optima)
-    assert (sweep_dir / "transfer_train.png").is_file() and "| standard | 128 | 2 |" in (
-        sweep_dir / "report.md"
-    ).read_text()
+    for metric in ("train", "val"):
+        shift = summary["metrics"][metric]["standard"]["shift"]
+        assert shift["verdict"] is None and shift["n_missing"] == 4
+        assert shift["reason"].startswith("4 of 6 runs not finished"), shift
+    assert "**Verdict withheld**: 4 of 6 runs not finished" in (sweep_dir / "report.md").read_text()
+    # the same command resumes; every line is then complete
+    assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True).returncode == 0
+    assert set(sw.run_states(sweep_dir, manifest).values()) == {"done"}
+    for n in manifest["runs"]:
+        assert OmegaConf.load(sweep_dir / n["dump_dir"] / "config.yaml").dump_dir == str(sweep_dir / n["dump_dir"])
+    assert cli_main(["report", str(sweep_dir)]) == 0
+    shift = json.loads((sweep_dir / "report.json").read_text())["metrics"]["train"]["standard"]["shift"]
+    assert shift["n_missing"] == 0 and "not finished" not in shift["reason"]
     assert cli_main(["sweep", str(sweep_file)]) == 0  # everything finished: a re-run trains nothing
 
 
@@ -775,6 +856,7 @@ def test_cli_dispatch(capsys):
     assert "sweep" in capsys.readouterr().out
     assert cli_main(["frobnicate"]) == 2 and "unknown command 'frobnicate'" in capsys.readouterr().err
     assert cli_main(["report", "--help"]) == 0 and "usage: lingua-wd report" in capsys.readouterr().out
+    assert cli_main(["status", "--help"]) == 0 and "usage: lingua-wd status" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- coordinate check

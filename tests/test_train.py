@@ -160,3 +160,32 @@ def test_gpu_bf16_fsdp_compile(tmp_path, tiny):
     assert last < 0.7 * first
     assert recs[-1]["peak_mem_gb"] > 0 and recs[-1]["mfu"] is not None and recs[-1]["mfu"] > 0
     assert torch.cuda.is_available()
+
+
+def test_console_progress_eta_and_end_summary(tmp_path, tiny):
+    """Each log line says step k/N, elapsed and ETA; the end prints one paragraph whose numbers are DONE's; the
+    session (start, start step) is timed in EXIT.json; a resumed session says where it resumed."""
+    import re
+
+    dump = tmp_path / "run"
+    common = [f"dump_dir={dump}", *tiny, "steps=16", "log_freq=2", "eval_freq=0", "checkpoint.every=0"]
+    proc = _launch(common)
+    _wait_for_step(dump, proc, 4)
+    os.killpg(proc.pid, signal.SIGUSR1)  # saves a checkpoint, exits 75
+    assert proc.wait(timeout=120) == 75
+    first = json.loads((dump / "EXIT.json").read_text())
+    assert first["start_step"] == 0 and first["started"] <= first["time"] and first["step"] >= 4
+    lines = proc.stderr.read().splitlines()
+    progress = [x for x in lines if re.search(r"\| step +\d+/16 \| loss ", " | " + x.split(" I ", 1)[-1])]
+    assert progress and all(re.search(r"\| elapsed \d+s \| eta (\d+s|\d+m\d\ds|\?)$", x) for x in progress), lines
+    done = run_train(common)
+    summary = [x for x in done.stderr.splitlines() if "run finished:" in x]
+    rec = json.loads((dump / "DONE").read_text())
+    assert rec["last_n"] == 16 and rec["tokens"] == 16 * 8 * 32
+    want = (
+        f"run finished: 16 steps, 4,096 tokens. Final train loss {rec['train_loss_last']:.4f} (mean of the last 16 "
+        f"steps), val loss {rec['val_loss']:.4f}. This session: {16 - first['step']} steps in "
+    )
+    assert len(summary) == 1 and want in summary[0], summary
+    assert f"resumed at step {first['step']}, " in summary[0] and "tokens/s on average, no MFU" in summary[0]
+    assert json.loads((dump / "EXIT.json").read_text())["start_step"] == first["step"]

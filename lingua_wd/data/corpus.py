@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import sysconfig
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,20 @@ DEFAULT_ROOT = Path("~/.cache/lingua_wd/corpus").expanduser()
 VERSION = 2  # bump when the layout changes: an older corpus is rebuilt
 EXCLUDE_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 TEST_DIRS = {"test", "tests"}
+
+
+def show_progress() -> bool:
+    """Progress bars on rank 0 (RANK unset or 0) in a terminal only: never in logs, never in metrics.jsonl."""
+    return os.environ.get("RANK", "0") == "0" and sys.stderr.isatty()
+
+
+def progress(items: Iterable, total: int, desc: str, unit: str = "it") -> Iterable:
+    """`items` with a tqdm bar on stderr where show_progress() allows, else `items` unchanged."""
+    if not show_progress():
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
 
 
 def stdlib_files(max_bytes: int) -> list[Path]:
@@ -64,8 +80,10 @@ def ensure_stdlib_corpus(root: str | os.PathLike = DEFAULT_ROOT, max_bytes: int 
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     log.info("building the bundled corpus from the Python standard library into %s", out)
+    t0 = time.perf_counter()
     train, val = [], []
-    for i, path in enumerate(stdlib_files(max_bytes)):
+    files = stdlib_files(max_bytes)
+    for i, path in enumerate(progress(files, len(files), "corpus: reading the stdlib", "file")):
         try:
             text = path.read_bytes().decode("utf-8")
         except (UnicodeDecodeError, OSError):
@@ -76,7 +94,7 @@ def ensure_stdlib_corpus(root: str | os.PathLike = DEFAULT_ROOT, max_bytes: int 
         stage = Path(tmp) / "stdlib"
         (stage / "train").mkdir(parents=True)
         (stage / "val").mkdir()
-        for k in range(n_shards):
+        for k in progress(range(n_shards), n_shards, "corpus: writing shards", "shard"):
             _write_shard(stage / "train" / f"shard_{k:02d}.jsonl.zst", train[k::n_shards])
         _write_shard(stage / "val" / "val.jsonl.zst", val)
         info = {"version": VERSION, "train_docs": len(train), "val_docs": len(val)}
@@ -93,6 +111,8 @@ def ensure_stdlib_corpus(root: str | os.PathLike = DEFAULT_ROOT, max_bytes: int 
         except OSError:  # another process built it first
             if (_done(out) or {}).get("version") != VERSION:
                 raise
+    log.info("built the bundled corpus: %d train and %d val documents in %.1f s", len(train), len(val),
+             time.perf_counter() - t0)  # fmt: skip
     return out
 
 

@@ -10,14 +10,18 @@ cheaply. The model's vocabulary size is `tokenizer.vocab_size`.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lingua_wd.args import ConfigError
+
+log = logging.getLogger(__name__)
 
 CACHE_DIR = Path("~/.cache/lingua_wd").expanduser()
 
@@ -197,8 +201,11 @@ def train_bpe(vocab_size: int, out: Path, max_bytes: int = 8 << 20) -> Path:
     publish it at `out`. The first writer wins (hard link), so concurrent ranks share one file."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from lingua_wd.data.corpus import corpus_texts
+    from lingua_wd.data.corpus import corpus_texts, show_progress
 
+    log.info("training a byte-level BPE tokenizer (vocab %d) on %d MB of the bundled corpus -> %s",
+             vocab_size, max_bytes >> 20, out)  # fmt: skip
+    t0 = time.perf_counter()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -206,7 +213,7 @@ def train_bpe(vocab_size: int, out: Path, max_bytes: int = 8 << 20) -> Path:
         vocab_size=vocab_size,
         special_tokens=BPE_SPECIAL,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=show_progress(),  # the tokenizers library's own bars, on rank 0 in a terminal
     )
     tok.train_from_iterator(corpus_texts("train", max_bytes), trainer)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -218,6 +225,7 @@ def train_bpe(vocab_size: int, out: Path, max_bytes: int = 8 << 20) -> Path:
         pass
     finally:
         tmp.unlink()
+    log.info("trained the BPE tokenizer in %.1f s", time.perf_counter() - t0)
     return out
 
 
