@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import textwrap
 from collections import defaultdict
@@ -473,11 +474,22 @@ def _f(v: Any, fmt: str = ".4f") -> str:
     return "-" if v is None else str(v)
 
 
+def axis_words(text: str, line: str, x: str) -> str:
+    """transfer_stats speaks of widths and LRs (eta*); a sweep along another axis (report.line) or over another
+    key (report.x, e.g. lambda) reads its own words."""
+    if line != "model.dim":
+        name = AXIS_NAMES.get(line, line)
+        text = re.sub(r"(?<![\w.])width(s?)(?![\w.])", lambda m: name + ("s" if m.group(1) else ""), text)
+    if x != "optim.lr":
+        label, sym = x_names(x)
+        text = re.sub(r"\bLRs?\b", label.removeprefix("base "), text).replace("eta*", f"{sym}*")
+    return text
+
+
 def _verdict_text(s: ts.Shift, args: ReportArgs) -> str:
     if s.verdict is None:
-        return f"verdict withheld: {s.reason}"
-    verdict = s.verdict.replace("width", axis_name(args))
-    return f"{verdict}: slope {s.slope:+.2f} +- {s.sigma:.2f}"
+        return axis_words(f"verdict withheld: {s.reason}", args.line, args.x)
+    return axis_words(f"{s.verdict}: slope {s.slope:+.2f} +- {s.sigma:.2f}", args.line, args.x)
 
 
 def _eta_text(ln: ts.LineOptimum) -> str:
@@ -518,7 +530,7 @@ def panel_section(name: str, pan: ts.Panel, args: ReportArgs, finding: Optional[
     if s.verdict is None:
         md.append(f"**Verdict withheld**: {s.reason}.")
     else:
-        md.append(f"**{s.verdict.replace('width', axis_name(args))}**: {s.reason} (1 sigma {s.sigma:.3f}).")
+        md.append(f"**{s.verdict}**: {s.reason} (1 sigma {s.sigma:.3f}).")
     if finding is not None:
         slope = f", expected slope {finding.slope:+.2f}" if finding.slope is not None else ""
         md.append(f"The paper, same setup: **{finding.verdict}**{slope}. {finding.text} ({finding.source})")
@@ -535,7 +547,7 @@ def panel_section(name: str, pan: ts.Panel, args: ReportArgs, finding: Optional[
             f"| {ln.width:g} | {ln.width / pan.base_width:g} | {ln.status} | {_eta_text(ln)} | "
             f"{_f(ln.best_lr, '.3g')} | {_f(best.mean) if best else '-'} | {ln.note} | {regret} |"
         )
-    return md + ["", *loss_table(pan, args)]
+    return [axis_words(line, args.line, args.x) for line in md] + ["", *loss_table(pan, args)]
 
 
 def runs_table(results: list[RunResult]) -> list[str]:
@@ -574,24 +586,29 @@ def write_report(sweep_dir: Path, out: Path, manifest: dict, results: list[RunRe
     for r in results:
         counts["diverged" if r.diverged else state_kind(r.state)] += 1
     diffs = setup_differences(results)
-    md = [f"# LR transfer: sweep `{manifest['name']}`", ""]
+    md = [axis_words(f"# LR transfer: sweep `{manifest['name']}`", args.line, args.x), ""]
     md.append(f"{len(results)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".")
     md += [
         "",
-        f"Multiplier m = {args.line} / {d0:g}. Final train loss = mean training loss of the last {args.last_n} steps "
-        "(the paper takes the last 100); val = last validation loss. Seeds are averaged (mean +- sample std). The optimum "
-        "of a line is the vertex of a parabola in ln LR through its best finished point and the neighbours, with "
-        "its uncertainty from the seeds' spread (one seed: the grid cell); a line with unfinished runs is "
-        "*incomplete*, an optimum at the edge of the finished LRs is only a bound (*at grid edge*), and neither "
-        "enters a verdict. Verdicts compare the 2-sigma interval of the slope of ln eta* vs ln m with "
-        f"+-{args.tol:g}. Regret: the loss at each {axis_name(args)} at the LR picked at m = 1, minus the best "
-        "loss there (lingua_wd/transfer_stats.py).",
+        axis_words(
+            f"Multiplier m = {args.line} / {d0:g}. Final train loss = mean training loss of the last {args.last_n} steps "
+            "(the paper takes the last 100); val = last validation loss. Seeds are averaged (mean +- sample std). The optimum "
+            "of a line is the vertex of a parabola in ln LR through its best finished point and the neighbours, with "
+            "its uncertainty from the seeds' spread (one seed: the grid cell); a line with unfinished runs is "
+            "*incomplete*, an optimum at the edge of the finished LRs is only a bound (*at grid edge*), and neither "
+            "enters a verdict. Verdicts compare the 2-sigma interval of the slope of ln eta* vs ln m with "
+            f"+-{args.tol:g}. Regret: the loss at each {axis_name(args)} at the LR picked at m = 1, minus the best "
+            "loss there (lingua_wd/transfer_stats.py).",
+            args.line,
+            args.x,
+        ),
         "",
         "This sweep is the paper's setup (App. G.3): its findings are shown next to the measured ones."
         if not diffs
         else "Not the paper's setup (App. G.3), so its findings are not compared: " + "; ".join(diffs) + ".",
     ]
-    summary: dict[str, Any] = {"sweep": manifest["name"], "base": d0, "line": args.line, "last_n": args.last_n}
+    summary: dict[str, Any] = {"sweep": manifest["name"], "base": d0, "line": args.line, "x": args.x}
+    summary["last_n"] = args.last_n
     summary |= {"tol": args.tol, "paper_setup": not diffs, "setup_differences": diffs, "metrics": {}}
     for metric in ("train", "val"):
         grouped = group_runs(results, args, extra, metric)
@@ -668,7 +685,7 @@ def console_lines(summary: dict) -> list[str]:
                 )
             if pan["paper"]:
                 out.append(f"[report]       the paper (same setup): {pan['paper']['verdict']}")
-    return out
+    return [axis_words(line, summary["line"], summary.get("x", "optim.lr")) for line in out]
 
 
 def _main(args: ReportCommand) -> int:

@@ -89,7 +89,9 @@ class ReportArgs:
     average: list[str] = field(default_factory=lambda: ["seed"])  # keys averaged over (seeds)
     last_n: int = 100  # final loss = mean training loss over the last N steps (the paper: 100)
     tol: float = 0.5  # verdict: "transfers" if the slope's 2-sigma interval lies within +-tol (eta* moves < m^tol)
-    base_dim: int = 0  # line value of m = 1 (0: the runs' scaling.base_dim / base_depth / base_batch, else the smallest)
+    base_dim: int = (
+        0  # line value of m = 1 (0: the runs' scaling.base_dim / base_depth / base_batch, else the smallest)
+    )
     alignment_runs: list[str] = field(default_factory=list)  # run names whose probe metrics are plotted too
 
 

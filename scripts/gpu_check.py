@@ -152,7 +152,9 @@ def verdicts(by_name: dict[str, Part], out: Path) -> list[str]:
         pct = number(r["overhead"])
         if pct is not None:
             ok = pct <= PROBE_TARGET_PCT
-            lines.append(f"| probes d={r.get('d')} <= {PROBE_TARGET_PCT:.0f}% | {pct:+.2f}% | {'met' if ok else 'missed'} |")
+            lines.append(
+                f"| probes d={r.get('d')} <= {PROBE_TARGET_PCT:.0f}% | {pct:+.2f}% | {'met' if ok else 'missed'} |"
+            )
     if not prow:
         lines.append(f"| probes <= {PROBE_TARGET_PCT:.0f}% | no figure (probes: {probes.status}) | not measured |")
     return lines
@@ -212,8 +214,12 @@ def fetch_wheels(dest: Path) -> int:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="", help="output folder for summary.md and logs.txt (required unless --fetch-wheels)")
-    p.add_argument("--budget-s", type=float, default=FULL_BUDGET_S, help="total seconds; each part's budget scales with it")
+    p.add_argument(
+        "--out", default="", help="output folder for summary.md and logs.txt (required unless --fetch-wheels)"
+    )
+    p.add_argument(
+        "--budget-s", type=float, default=FULL_BUDGET_S, help="total seconds; each part's budget scales with it"
+    )
     p.add_argument("--parts", default="", help="comma-separated subset of the parts (default: all)")
     p.add_argument("--cpu-smoke", action="store_true", help="run every part with tiny shapes on CPU")
     p.add_argument("--fetch-wheels", action="store_true", help="download the wheels the GPU image lacks into .whl/")

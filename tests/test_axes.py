@@ -451,6 +451,10 @@ def test_report_multiplier_is_line_over_the_runs_base_for_depth(tmp_path):
     assert train["none"]["shift"]["verdict"] == "shifts with width"  # transfer_stats' words, the report's below
     md = (sweep / "report.md").read_text()
     assert "Multiplier m = model.n_layers / 1" in md and "shifts with depth" in md
+    console = "\n".join(rep.console_lines(summary))  # the report's words follow the swept axis and key
+    assert "none: shifts with depth" in console and "width" not in console
+    assert rep.axis_words("optimum at the highest finished LR: eta* >= 3.2 at width 32", "data.batch_size",
+                          "optim.weight_decay") == "optimum at the highest finished weight decay: lambda* >= 3.2 at batch size 32"  # fmt: skip
     steps = write_fake_sweep(tmp_path / "t", "steps", [100, 200, 400], "scaling.base_tokens", 10**6, {"none": 0.0})
     fit = rep.report(steps, ReportArgs(line="steps", panel="scaling.depth", last_n=1))["metrics"]["train"]["none"]
     assert [ln["m"] for ln in fit["lines"]] == [1.0, 2.0, 4.0]  # no base key for steps: the smallest value

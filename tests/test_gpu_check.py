@@ -11,8 +11,15 @@ import gpu_check  # noqa: E402
 
 
 def test_cpu_smoke_runs_parts_and_writes_summary(tmp_path):
-    cmd = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu-smoke", "--out", str(tmp_path),
-           "--parts", "tests,probes,checkpoint,optim,data"]  # fmt: skip  (perf/profile: bench.py's own smoke tests in test_loss.py)
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "gpu_check.py"),
+        "--cpu-smoke",
+        "--out",
+        str(tmp_path),
+        "--parts",
+        "tests,probes,checkpoint,optim,data",
+    ]  # fmt: skip  (perf/profile: bench.py's own smoke tests in test_loss.py)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (tmp_path / "summary.md").read_text()
