@@ -91,7 +91,7 @@ class LineOptimum:
     ln_eta: Optional[float]  # estimate of ln eta*; at an edge the bound (the edge LR)
     sigma: Optional[float]  # std of ln_eta; None at an edge
     method: str  # fit | grid (non-convex or a diverged neighbour) | edge | none
-    edge: Optional[str]  # "low": eta* <= lowest finished LR, "high": eta* >= highest finished LR
+    edge: Optional[str]  # "low": best at the lowest finished LR (eta* below its neighbour), "high": at the highest
     fit: Optional[Quadratic]
     bracket: Optional[tuple[int, int, int]]  # indices into points: finished neighbour, best, finished neighbour
     note: str
@@ -231,10 +231,13 @@ def line_optimum(width: float, points: Mapping[float, Sequence[Outcome]]) -> Lin
     k = done.index(best)
     if k in (0, len(done) - 1):  # eta* may lie beyond the finished LRs: only a bound
         side = "low" if k == 0 else "high"
-        bound = f"eta* {'<=' if side == 'low' else '>='} {pts[best].lr:.3g}"
-        note = f"optimum at the {'lowest' if side == 'low' else 'highest'} finished LR: {bound}"
-        if len(done) == 1:
-            note = f"only one finished LR ({pts[best].lr:.3g})"
+        note = f"only one finished LR ({pts[best].lr:.3g})"
+        if len(done) > 1:  # a unimodal loss only says eta* lies beyond the worse neighbour, maybe off the grid
+            nb = pts[done[1] if side == "low" else done[-2]].lr
+            where = "lowest" if side == "low" else "highest"
+            note = (
+                f"best at the {where} finished LR ({pts[best].lr:.3g}): eta* {'<' if side == 'low' else '>'} {nb:.3g}"
+            )
         return result("edge", best_lr=pts[best].lr, ln_eta=u[best], edge=side, note=note)
     bracket = (done[k - 1], best, done[k + 1])
     us, ys = [u[i] for i in bracket], [pts[i].mean for i in bracket]
@@ -307,6 +310,8 @@ def shift(lines: Sequence[LineOptimum], base_width: float, tol: float = 0.5) -> 
     else:
         verdict = "inconclusive"
     reason = f"slope {s:+.3f}, 2-sigma interval [{lo:+.2f}, {hi:+.2f}] vs tolerance +-{tol:g}"
+    if verdict == "transfers" and (lo > 0 or hi < 0):  # within tolerance, yet a shift is resolved: say so
+        reason += f"; the interval excludes 0: eta* moves like m^{s:+.2f}, less than the tolerance"
     return Shift(s, sig, a, chi2, dof, verdict, reason, 0)
 
 

@@ -93,7 +93,7 @@ def test_issue_case_half_finished_sweep_withholds_the_verdict():
         d32, d64, d128 = p.lines
         assert d32.complete and d32.usable
         assert not d64.complete and d64.n_missing == 2
-        assert d64.method == "edge" and d64.edge == "high" and "eta* >= 0.008" in d64.note
+        assert d64.method == "edge" and d64.edge == "high" and "eta* > 0.004" in d64.note  # beyond the worse neighbour
         assert d128.n_missing == 4 and d128.method == "none"
         s = p.shift
         assert s.verdict is None and s.slope is None and s.sigma is None
@@ -110,7 +110,7 @@ def test_grid_edge_is_a_bound_and_withholds_the_verdict():
     assert ln.complete and ln.method == "edge" and ln.edge == "high" and ln.sigma is None and not ln.usable
     assert ln.eta == pytest.approx(3.2e-2)
     rising = line_optimum(128, line(LRS, [3.0, 3.1, 3.2, 3.3, 3.4, 3.5]))
-    assert rising.edge == "low" and "eta* <= 0.001" in rising.note
+    assert rising.edge == "low" and "eta* < 0.002" in rising.note  # below the worse neighbour, not <= the edge
     p = analyse_panel({64: parabola_line(LRS, 4e-3), 128: falling})
     assert p.shift.verdict is None and p.shift.n_missing == 0 and "not bracketed" in p.shift.reason
 
@@ -151,6 +151,17 @@ def test_verdicts_on_complete_data():
     # two widths a factor 2 apart: sigma = sqrt2/sqrt12 = 0.408, too wide to say either
     two = analyse_panel({w: parabola_line(lrs, 1e-2 * 1.3) for w in (64, 128)})
     assert two.shift.sigma == pytest.approx(0.4082, abs=1e-4) and two.shift.verdict == "inconclusive"
+
+
+def test_a_resolved_shift_within_the_tolerance_is_named():
+    # eta* ~ m^-0.3 over m = 1..16: sigma = (ln2/sqrt12) / (ln2 sqrt10) = 0.091, interval [-0.48, -0.12]: within
+    # +-0.5, so "transfers", but it excludes 0 and the reason must say so (a sqrt-rule panel read as "no shift")
+    lrs = [1e-3 * 2**k for k in range(10)]
+    p = analyse_panel({64 * 2**k: parabola_line(lrs, 1.3e-2 * 2 ** (-0.3 * k)) for k in range(5)})
+    assert p.shift.verdict == "transfers" and p.shift.slope == pytest.approx(-0.3, abs=1e-9)
+    assert "the interval excludes 0: eta* moves like m^-0.30" in p.shift.reason
+    same = analyse_panel({w: parabola_line(lrs, 1.3e-2) for w in (64, 128, 256)})
+    assert "excludes 0" not in same.shift.reason
 
 
 def test_scatter_beyond_the_errors_scales_the_slope_sigma():
