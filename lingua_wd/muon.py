@@ -19,7 +19,7 @@ the very matrix one process would see. Plain tensors (one process, or DDP) ortho
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 import torch
@@ -188,6 +188,14 @@ def orthogonalize_sharded(
     return out  # type: ignore[return-value]
 
 
+def run_closure(closure: Optional[Callable[[], Any]]) -> Any:
+    """The loss of an optimizer step's closure, evaluated with gradients on (torch.optim's convention)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Muon(torch.optim.Optimizer):
     """Muon over 2-D parameters: plain tensors, or FSDP2 DTensors (Shard(0) on a 1-D mesh).
 
@@ -235,10 +243,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
@@ -299,10 +304,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
             start += n
 
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for o in self.optimizers:
             o.step()
         return loss

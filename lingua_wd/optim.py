@@ -27,7 +27,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lingua_wd.args import ConfigError, check, check_choice, one_of
 from lingua_wd.model import ModelArgs, block_params, check_model_args
-from lingua_wd.muon import ADJUST_LR, NS_DTYPES, CombinedOptimizer, Muon
+from lingua_wd.muon import ADJUST_LR, NS_DTYPES, CombinedOptimizer, Muon, run_closure
 from lingua_wd.scaling import (
     CLASSES,
     DECAY_RULES,
@@ -84,10 +84,7 @@ class DecoupledAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         saved = [group["weight_decay"] for group in self.param_groups]
         try:
             for group in self.param_groups:
