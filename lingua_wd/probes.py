@@ -159,6 +159,7 @@ def parse_probe_key(key: str) -> Optional[tuple[str, str]]:
 SUMS = ("w", "y", "dw", "dwx", "sigma", "dwg", "dwgx", "dw_sigma")  # per-layer partial sums of squares, all-reduced
 CHUNK = 1 << 25  # elements per temporary in the chunked products and norms (bounds extra memory)
 COLD_ITERS = 30  # power iterations at a layer's first probe (random start); later probes warm-start
+LANCZOS_BREAKDOWN = 1e-4  # a Lanczos residual below this x the largest diagonal entry so far: no new direction
 DW_KEY = "dw:"  # state_dict prefix of the dW power iteration's vectors (W's have the bare layer name)
 
 
@@ -424,6 +425,7 @@ class Probes:
         basis = [[v] for v in start]  # per shape group: the Lanczos vectors, (layers, C) each
         diag: list[list[torch.Tensor]] = [[] for _ in start]
         off: list[list[torch.Tensor]] = [[] for _ in start]
+        alive = [torch.ones(v.shape[0], dtype=torch.bool, device=v.device) for v in start]
         for j in range(steps):
             for g, z in enumerate(self._gram([b[-1] for b in basis], group)):
                 q = torch.stack(basis[g], 1)  # (layers, j + 1, C)
@@ -432,8 +434,13 @@ class Probes:
                     z = z - torch.bmm(torch.bmm(z.unsqueeze(1), q.transpose(1, 2)), q).squeeze(1)
                 if j < steps - 1:
                     beta = torch.linalg.vector_norm(z, dim=1)
-                    off[g].append(beta)
-                    basis[g].append(z / beta.clamp_min(1e-30).unsqueeze(1))
+                    # breakdown: the Krylov space is exhausted (dW's rank < steps, e.g. a rank-one update or
+                    # fewer rows than steps); the residual is rounding noise, whose normalization would break the
+                    # three-term recurrence T encodes. The layer stops there (zero vectors, zero couplings).
+                    scale = torch.stack(diag[g], 1).abs().amax(1)
+                    alive[g] = alive[g] & (beta > LANCZOS_BREAKDOWN * scale)
+                    off[g].append(torch.where(alive[g], beta, 0.0))
+                    basis[g].append(torch.where(alive[g].unsqueeze(1), z / beta.clamp_min(1e-30).unsqueeze(1), 0.0))
         ys = []
         for g, v0 in enumerate(start):
             t = torch.diag_embed(torch.stack(diag[g], 1)).double()  # (layers, steps, steps) tridiagonal
