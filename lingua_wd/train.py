@@ -507,10 +507,13 @@ class Trainer:
         self.loader.flush_warnings()
 
     def evaluate(self) -> None:
+        width = len(str(self.args.steps))
+        if self.val:  # a large validation set on a slow device takes minutes: say what is running
+            n = sum(b.shape[0] for b in self.val) * self.env.world
+            log.info(f"step {self.step:>{width}d}/{self.args.steps} | validating on {n:,} sequences")
         self.val_loss = evaluate(self.model, self.val, self.env.device)
         if self.val_loss is not None:
             self.logger.log({"step": self.step, "val/loss": self.val_loss})
-            width = len(str(self.args.steps))
             log.info(f"step {self.step:>{width}d}/{self.args.steps} | val loss {self.val_loss:.4f}")
 
     def run(self, stop: StopFlag) -> int:

@@ -301,6 +301,7 @@ def test_trainer_at_depth_equals_a_model_with_the_multipliers_set_by_hand(tmp_pa
         torch.testing.assert_close(load_model(dump).forward(tokens), hand(tokens), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_trainer_refuses_a_residual_mult_that_is_not_the_plans(tmp_path):
     proc = run_train([*KEYS, "scaling.depth=completep", "model.residual_mult=0.3", f"dump_dir={tmp_path}"], check=False)
     assert proc.returncode == 2
@@ -460,6 +461,7 @@ def test_report_multiplier_is_line_over_the_runs_base_for_depth(tmp_path):
     assert [ln["m"] for ln in fit["lines"]] == [1.0, 2.0, 4.0]  # no base key for steps: the smallest value
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_shipped_axis_sweeps_validate():
     from lingua_wd import sweep as sw
 

@@ -191,6 +191,7 @@ def test_transfer_validates_shared_keys_as_the_trainer_does(capsys):
         assert capsys.readouterr().err.strip() == f"config error: {err.value}"
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_a_run_saved_before_a_rename_resumes(tmp_path, tiny):
     """Checkpoints written with the old key names (scaling.mode / wd_mode) resume: saved keys are compared
     under their new names, so nothing looks changed."""

@@ -410,6 +410,7 @@ def test_close_stops_the_workers(corpus):
     loader.close()
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 @pytest.mark.parametrize("how", ["exit", "kill"])
 def test_workers_exit_with_the_training_process(corpus, how):
     script = textwrap.dedent(f"""
@@ -540,6 +541,7 @@ def _run_in(root: Path, terminal: bool, rank: str = "0") -> str:
     return out.decode(errors="replace")
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_corpus_build_and_bpe_training_show_progress_on_rank_0_in_a_terminal(tmp_path):
     """A user in a terminal sees bars (tqdm for the corpus, the tokenizers library's for BPE); a log file or
     another rank gets the start and end lines only."""

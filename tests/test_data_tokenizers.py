@@ -60,6 +60,7 @@ def bpe_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_bpe_is_trained_once_deterministically_and_round_trips(bpe_file, tmp_path):
     tok = build_tokenizer(TokenizerArgs(name="bpe", path=str(bpe_file), vocab_size=1024))
     assert tok.vocab_size == 1024

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -16,6 +18,7 @@ def test_config_reference_is_current():
         assert f"| `{key}` |" in text
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_every_key_has_a_help_line():
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "config_reference.py")], capture_output=True, text=True, check=True

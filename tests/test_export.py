@@ -142,6 +142,7 @@ def test_top_p_and_greedy_sampling():
         assert set(draws[:, row].tolist()) <= set(top_p_filter(p[None], 0.3)[0].nonzero().flatten().tolist())
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_generate_is_deterministic_given_a_seed():
     m = random_model()
     run = lambda seed, **kw: generate(m, [1, 2, 3], 20, 48, 1.0, 0.95, seed, num_samples=2, **kw)  # noqa: E731
@@ -181,6 +182,7 @@ def exported1(run1):
     return out
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 @torch.no_grad()
 def test_trained_run_exports_and_hf_logits_match(run1, exported1):
     run = open_run(run1)
@@ -205,6 +207,7 @@ def test_eval_gives_the_trainers_final_val_loss(run1, exported1):
     assert bf16.forward.output.weight.dtype == torch.bfloat16 and bf16.forward.rope.dtype == torch.float32
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_generate_from_checkpoint_and_export(run1, exported1):
     args = GenerateArgs(
         path=str(run1), prompt="def ", max_new_tokens=12, temperature=1.0, num_samples=2, seed=3, device="cpu"
@@ -221,6 +224,7 @@ def test_generate_from_checkpoint_and_export(run1, exported1):
     assert generate_text(greedy) == ours
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_two_rank_checkpoint_exports(tmp_path):
     dump = tmp_path / "run2"
     run_train([f"dump_dir={dump}", *TINY, "steps=5"], nproc=2)

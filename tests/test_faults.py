@@ -105,6 +105,7 @@ def finished_copy(ref: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 @pytest.mark.parametrize("victim", ["__0_0.distcp", ".metadata", "rank0.pt"])
 def test_bit_flip_in_newest_checkpoint_falls_back_to_previous(tmp_path, tiny, corrupt_ref, victim):
     dump = finished_copy(corrupt_ref, tmp_path / "run")
@@ -116,6 +117,7 @@ def test_bit_flip_in_newest_checkpoint_falls_back_to_previous(tmp_path, tiny, co
     assert lines(dump) == lines(corrupt_ref) and done(dump) == done(corrupt_ref)
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_no_loadable_checkpoint_is_one_line_and_exit_5(tmp_path, tiny, corrupt_ref):
     dump = finished_copy(corrupt_ref, tmp_path / "run")
     for step in (4, 6, 8):
@@ -130,6 +132,7 @@ def test_no_loadable_checkpoint_is_one_line_and_exit_5(tmp_path, tiny, corrupt_r
 # ----------------------------------------------------------------------------- 2. a diverged model called good
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_diverging_run_never_checkpoints_its_weights(tmp_path, tiny):
     dump = tmp_path / "lr1e3"
     proc = run_train(
@@ -181,6 +184,7 @@ def test_random_kills_leave_metrics_identical(tmp_path, tiny):
     assert sum('"probe/layers.0.attention.wq/rrc"' in x for x in lines(dump)) == 6  # steps 1, 6, ..., 26
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_restart_without_checkpoint_starts_metrics_afresh(tmp_path, tiny):
     common = [*tiny, *FAST, "steps=8", "checkpoint.every=4"]
     ref = tmp_path / "ref"
@@ -241,6 +245,7 @@ def _direct(argv: list[str], world: int, port: int) -> list[subprocess.Popen]:
     return procs
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_stop_without_torchrun_one_signalled_rank_stops_all(tmp_path, tiny):
     """The stop flag is all-reduced every step: SIGTERM to rank 1 alone stops both ranks after the
     same step, whatever log_freq is (1000 here); both save and exit 75. (The exact resume after a
@@ -313,6 +318,7 @@ def _foreign(run: RunDir) -> rundir.RunLock:
     return lock
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_killed_torchrun_leaves_no_orphan_ranks(tmp_path, tiny):
     dump = tmp_path / "orphans"
     proc = launch([f"dump_dir={dump}", *tiny, "log_freq=1", "data.seq_len=16", "steps=100000", "checkpoint.every=50"],
@@ -338,6 +344,7 @@ def _not_zombie(pid: int) -> bool:
 # ----------------------------------------------------------------------------- 6. checkpoint I/O
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_unreadable_checkpoint_dir_is_one_line(tmp_path, tiny):
     common = [*tiny, *FAST, "steps=3", "checkpoint.every=3"]
     dump = tmp_path / "run"
@@ -358,6 +365,7 @@ def test_unreadable_checkpoint_dir_is_one_line(tmp_path, tiny):
     assert len(errors) == 1 and f"cannot read {root} (Permission denied)" in errors[0] and no_traceback(proc.stderr)
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_restart_after_disk_full_makes_room(small_disk_3, tiny):
     """Room for two checkpoints and a half: the third write prunes the oldest first instead of failing."""
     dump = small_disk_3 / "run"
@@ -485,6 +493,7 @@ def test_fuzzed_bad_overrides_only_end_in_exit_2_with_one_line(tmp_path_factory,
         ("model.rope_theta=nan", "model.rope_theta"),
     ],
 )
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_bad_values_on_the_command_line(tmp_path, bad, key):
     dump = tmp_path / "never"
     proc = subprocess.run(

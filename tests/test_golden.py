@@ -69,6 +69,7 @@ def assert_same(got, want, where: str) -> None:
         assert got == want, f"{where}: {got!r} != {want!r}"
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 @pytest.mark.parametrize("name", list(RUNS))
 def test_debug_config_matches_its_golden_values(tmp_path, name):
     golden = json.loads(GOLDEN.read_text())

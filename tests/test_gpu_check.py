@@ -4,12 +4,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import gpu_check  # noqa: E402
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_cpu_smoke_runs_parts_and_writes_summary(tmp_path):
     cmd = [
         sys.executable,

@@ -204,6 +204,7 @@ def test_bench_flops_per_token_is_the_models():
     assert bench.flops_per_token(96, s) == flops_per_token(m, 64)
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_bench_cpu_smoke_runs_every_row(tmp_path):
     out = tmp_path / "bench.md"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--cpu-smoke", "--baseline", "hf", "--levers",

@@ -315,6 +315,7 @@ def test_bf16_norms_accumulate_in_fp32(monkeypatch):
         assert g == pytest.approx(float(exact), rel=1e-2)  # bf16 products, fp32 sums
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_trainer_one_config_line_and_plot(tmp_path, tiny):
     """As a user would: one config line turns the probes on; metrics.jsonl gets them in their own records at
     their own steps, and the training-loss lines (cadence and averages) are those of a run without probes."""

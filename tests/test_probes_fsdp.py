@@ -99,6 +99,7 @@ def fsdp_result(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_two_process_fsdp_matches_one_process(fsdp_result):
     model = Transformer(ARGS)
     model.init_weights(seed=0)

@@ -17,6 +17,7 @@ from lingua_wd.train import TrainArgs, resolve_and_check
 FAST = ["log_freq=1", "eval_freq=0"]
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_crash_while_writing_checkpoint_keeps_last_good(tmp_path, tiny):
     common = [*tiny, *FAST, "steps=12", "checkpoint.every=3"]
     ref = tmp_path / "ref"
@@ -31,6 +32,7 @@ def test_crash_while_writing_checkpoint_keeps_last_good(tmp_path, tiny):
     assert losses(dump) == losses(ref)
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, tiny):
     dump = tmp_path / "nan"
     run_train([f"dump_dir={dump}", *tiny, *FAST, "steps=10", "guard.inject_nan_steps=[4,5]"])
@@ -67,6 +69,7 @@ def test_loss_spike_is_logged_as_event():
     assert [e["step"] for e in events if e] == [10]
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_truncated_latest_checkpoint_resumes_from_previous(tmp_path, tiny):
     common = [*tiny, *FAST, "steps=8", "checkpoint.every=2", "checkpoint.keep=3"]
     ref = tmp_path / "ref"
@@ -97,6 +100,7 @@ def test_corrupted_data_shard_is_skipped_and_counted(tmp_path, tiny):
     assert (dump / "DONE").exists()
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_resume_refuses_exactness_breaking_changes(tmp_path, tiny):
     common = [*tiny, *FAST, "steps=6", "checkpoint.every=2"]
     dump = tmp_path / "run"
@@ -112,6 +116,7 @@ def test_resume_refuses_exactness_breaking_changes(tmp_path, tiny):
     assert "forced" in forced.stderr and (dump / "DONE").exists()
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_unwritable_dump_dir_is_a_clear_error(tmp_path, tiny):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -191,6 +196,7 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(small_disk, tiny):
     assert not (dump / "DONE").exists()
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_probes_resume_exactly(tmp_path, tiny):
     """The power-iteration vectors live in the checkpoint: sigma_max continues as if never stopped."""
     common = [

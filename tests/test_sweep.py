@@ -673,6 +673,7 @@ def test_group_runs_averages_seeds_and_keeps_the_missing():
         rep.group_runs([rep.RunResult("h", "done", {**v(1e-3, 0), "model.dim": "wide"})], args, [], "train")
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_report_on_fake_sweep(tmp_path: Path, fake_repo: Path, fake_env: Path, monkeypatch: pytest.MonkeyPatch):
     """Known optima: lr* = 1e-2 m^-1 for standard, 1e-2 for independent. With one standard run unfinished the
     standard verdict is withheld naming it; once it finishes: slope -1 (shifts), 0 (transfers), and the regret of
@@ -862,6 +863,7 @@ def test_cli_dispatch(capsys):
 # ----------------------------------------------------------------------------- coordinate check
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_coordcheck_separates_sp_from_mup(tmp_path: Path):
     """Adam's update RMS is ~eta per entry: muP gives hidden / output eta/m (slope -1 in width), sp keeps it;
     the hidden activations' change since init grows with width under sp and stays flat under muP."""
@@ -883,6 +885,7 @@ def test_coordcheck_separates_sp_from_mup(tmp_path: Path):
     assert cli_main(["coordcheck", "params=[mup]"]) == 2  # mup needs a WD rule
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 @pytest.mark.parametrize(("name", "n_runs"), [("cpu_small", 24), ("paper_fig1", 135)])
 def test_shipped_sweeps_expand_validate_and_render(name: str, n_runs: int, tmp_path: Path):
     """The shipped grids: every run config merges into the trainer's TrainArgs; the sbatch parses."""

@@ -107,6 +107,7 @@ def toy(lr: float, wd: float, steps: int, beta1: float, variant: str = "torch", 
     return rms, rel
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 @pytest.mark.parametrize("beta1, variant", [(0.0, "torch"), (0.9, "torch"), (0.0, "decoupled")])
 def test_scale_invariant_toy_reaches_the_predicted_equilibrium(beta1, variant):
     lr, wd = 0.02, 0.25

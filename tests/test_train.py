@@ -32,6 +32,7 @@ def test_demo_run_writes_config_metrics_checkpoint(tmp_path, tiny):
     assert done["step"] == 30 and done["val_loss"] > 0
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_two_rank_fsdp_loss_falls(tmp_path, tiny):
     dump = tmp_path / "fsdp"
     proc = run_train([f"dump_dir={dump}", *tiny, "steps=40", "log_freq=10", "checkpoint.every=0"], nproc=2)
@@ -71,6 +72,7 @@ def _wait_for_step(dump: Path, proc, step: int, timeout=180):
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_kill9_and_resume_is_bitwise_identical(tmp_path, tiny):
     common = [*tiny, "steps=24", "log_freq=1", "checkpoint.every=3", "checkpoint.keep=2", "eval_freq=0"]
     ref = tmp_path / "ref"
@@ -87,6 +89,7 @@ def test_kill9_and_resume_is_bitwise_identical(tmp_path, tiny):
     assert [r["step"] for r in read_metrics(dump) if "loss" in r] == list(range(1, 25))  # no duplicated lines
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_sigterm_on_two_ranks_saves_and_resumes_exactly(tmp_path, tiny):
     common = [*tiny, "steps=30", "log_freq=1", "checkpoint.every=0", "eval_freq=0"]
     ref = tmp_path / "ref"
@@ -102,6 +105,7 @@ def test_sigterm_on_two_ranks_saves_and_resumes_exactly(tmp_path, tiny):
     assert losses(dump) == losses(ref)
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_sigterm_single_process_exits_75(tmp_path, tiny):
     dump = tmp_path / "one"
     proc = _launch([f"dump_dir={dump}", *tiny, "steps=2000", "log_freq=1", "checkpoint.every=0", "eval_freq=0"])
@@ -112,6 +116,7 @@ def test_sigterm_single_process_exits_75(tmp_path, tiny):
     assert not (dump / "DONE").exists()
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_rotation_keeps_last_k_and_skips_incomplete(tmp_path, tiny):
     dump = tmp_path / "rot"
     run_train([f"dump_dir={dump}", *tiny, "steps=10", "checkpoint.every=2", "checkpoint.keep=2", "eval_freq=0"])
@@ -129,6 +134,7 @@ def test_rotation_keeps_last_k_and_skips_incomplete(tmp_path, tiny):
     assert json.loads((root / f"{8:010d}" / MANIFEST).read_text())["step"] == 8
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_finished_run_is_not_rerun(tmp_path, tiny):
     dump = tmp_path / "fin"
     run_train([f"dump_dir={dump}", *tiny, "steps=4", "eval_freq=0"])
@@ -162,6 +168,7 @@ def test_gpu_bf16_fsdp_compile(tmp_path, tiny):
     assert torch.cuda.is_available()
 
 
+@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_console_progress_eta_and_end_summary(tmp_path, tiny):
     """Each log line says step k/N, elapsed and ETA; the end prints one paragraph whose numbers are DONE's; the
     session (start, start step) is timed in EXIT.json; a resumed session says where it resumed."""
