@@ -185,7 +185,7 @@ def train_run(args: ResnetDigitsArgs, run: Run) -> dict[str, Any]:
     # lingua_wd: end
 
     records = [{"run": run.name, **asdict(run), "planes": planes, "width_mult": plan.width_mult,
-                "groups": {g["class"]: {"lr": g["lr"], "weight_decay": g["weight_decay"]} for g in groups}}]  # fmt: skip
+                "groups": {g["class"]: {"lr": g["initial_lr"], "weight_decay": g["weight_decay"]} for g in groups}}]  # fmt: skip
     losses = torch.zeros(args.steps)  # per-step train loss, read on log steps only (no per-step host sync)
     for step in range(1, args.steps + 1):
         idx = torch.randint(len(y_tr), (args.batch_size,), generator=order)
