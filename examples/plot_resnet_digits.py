@@ -31,12 +31,13 @@ ALIGN_PANELS = [("weight_align", "weight alignment"), ("update_align", "update a
                 ("align_ratio", "alignment ratio")]  # fmt: skip
 
 
-def load_runs(out_dir: str | Path) -> list[dict[str, Any]]:
-    """One dict per finished run: its header fields, `final` (the last record) and `curve` (the log records)."""
+def load_runs(out_dir: str | Path, config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One dict per finished run trained with `config` (None: any): its header fields, `final` (the last
+    record) and `curve` (the log records)."""
     runs = []
     for path in sorted((Path(out_dir) / "runs").glob("*.jsonl")):
         recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if not recs or not recs[-1].get("final"):
+        if not recs or not recs[-1].get("final") or (config is not None and recs[0].get("config") != config):
             continue
         final = dict(recs[-1])
         final["val_err"] = 100.0 * (1.0 - final["val_acc"])
@@ -164,9 +165,9 @@ def _fan_in(runs: list[dict], wd: str, width: float, lr: float) -> int | None:
     return None
 
 
-def plot_all(args: Any) -> list[Path]:
-    """Draw the three figures into <out_dir>/figures from the finished runs."""
-    runs = load_runs(args.out_dir)
+def plot_all(args: Any, config: dict[str, Any]) -> list[Path]:
+    """Draw the three figures into <out_dir>/figures from the finished runs trained with `config`."""
+    runs = load_runs(args.out_dir, config)
     if not runs:
         print("no finished runs to plot")
         return []

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -42,6 +42,10 @@ from lingua_wd.schedule import ScheduleArgs
 USAGE = "usage: python examples/resnet_digits.py [key=value ...]"
 WD_RULES = ("standard", "independent")  # scaling.wd under scaling.width=mup (App. D, Figure 10)
 VECTOR_CLASSES = ("input", "gain", "bias")  # not width-scaled: their LR is frozen (App. G.2)
+# the settings recorded in each run's file: a file with others is not reused
+RUN_KEYS = ("base_width", "base_planes", "weight_decay", "vector_lr", "steps", "batch_size", "warmup",
+            "probe_layer", "probe_every", "val_frac", "data_seed")  # fmt: skip
+COST_0 = 0.3  # a run's fixed time in units of the time per unit of width (measured: ~8 s at 0.25x, ~21 s at 1x)
 
 
 @dataclass
@@ -50,10 +54,10 @@ class ResnetDigitsArgs:
     widths: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # widths relative to base_planes
     base_width: float = 0.25  # the width the hyperparameters are tuned at: m = width / base_width (App. D)
     base_planes: int = 16  # stage-1 planes of the 1x network (stages: p, 2p, 4p planes, x4 channels out)
-    lrs: list[float] = field(default_factory=lambda: [2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1])  # base LRs
+    lrs: list[float] = field(default_factory=lambda: [4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1])  # base LRs
     wds: list[str] = field(default_factory=lambda: list(WD_RULES))  # scaling.wd rules under scaling.width=mup
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # init and batch-order seeds
-    weight_decay: float = 0.1  # lambda_base (App. G.4)
+    weight_decay: float = 1.0  # lambda_base (App. G.4 has 0.1 over ~50 EMA timescales; 1.0 gives ~2-10 in 300 steps)
     vector_lr: float = 3.2e-2  # frozen LR of the classes that do not scale with width (input, gain, bias)
     steps: int = 300  # optimizer steps per run
     batch_size: int = 64
@@ -184,7 +188,7 @@ def train_run(args: ResnetDigitsArgs, run: Run) -> dict[str, Any]:
     probes = lw.attach_probes(model, [args.probe_layer], classes, every=args.probe_every, fraction=1.0)
     # lingua_wd: end
 
-    records = [{"run": run.name, **asdict(run), "planes": planes, "width_mult": plan.width_mult,
+    records = [{"run": run.name, **asdict(run), "config": run_config(args), "planes": planes, "width_mult": plan.width_mult,
                 "groups": {g["class"]: {"lr": g["initial_lr"], "weight_decay": g["weight_decay"]} for g in groups}}]  # fmt: skip
     losses = torch.zeros(args.steps)  # per-step train loss, read on log steps only (no per-step host sync)
     for step in range(1, args.steps + 1):
@@ -223,12 +227,24 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return F.cross_entropy(logits, y).item(), (logits.argmax(-1) == y).float().mean().item()
 
 
-def read_run(path: Path) -> Optional[list[dict]]:
-    """A finished run's records, or None (missing or unfinished file)."""
+def run_config(args: ResnetDigitsArgs) -> dict[str, Any]:
+    """The settings a finished run's file was trained with (those that change its numbers)."""
+    return {k: getattr(args, k) for k in RUN_KEYS}
+
+
+def read_run(args: ResnetDigitsArgs, run: Run) -> Optional[list[dict]]:
+    """A finished run's records, or None (missing or unfinished file); a file trained with other settings
+    is a ConfigError (never reused as if it were this command's)."""
+    path = run_path(args, run)
     if not path.exists():
         return None
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return records if records and records[-1].get("final") else None
+    if not records or not records[-1].get("final"):
+        return None
+    old, new = records[0].get("config", {}), run_config(args)
+    diff = [f"{k}={old.get(k)!r} there, {v!r} here" for k, v in new.items() if old.get(k) != v]
+    check(not diff, "out_dir", f"{path} was trained with other settings ({'; '.join(diff)}): use another out_dir")
+    return records
 
 
 def _worker(args: ResnetDigitsArgs, run: Run) -> tuple[Run, dict[str, Any], float]:
@@ -255,13 +271,16 @@ def check_args(args: ResnetDigitsArgs) -> None:
 def sweep(args: ResnetDigitsArgs) -> None:
     """Train every missing run, `workers` at a time, with a progress line per run."""
     runs = [Run(wd, w, lr, s) for wd in args.wds for w in args.widths for lr in args.lrs for s in args.seeds]
-    todo = [r for r in runs if read_run(run_path(args, r)) is None]
+    todo = [r for r in runs if read_run(args, r) is None]
     print(f"{len(runs)} runs, {len(runs) - len(todo)} finished before, {len(todo)} to train in {args.out_dir}")
     if not todo:
         return
-    t0 = time.time()
+    todo.sort(key=lambda r: -r.width)  # the widest first: the last minutes run the quick ones side by side
+    cost = {r: COST_0 + r.width for r in todo}  # a run's time is about linear in the width here
+    t0, left = time.time(), sum(cost.values())
     for done, (run, out, secs) in enumerate(_results(args, todo), 1):
-        eta = (time.time() - t0) / done * (len(todo) - done)
+        left -= cost[run]
+        eta = (time.time() - t0) / (sum(cost.values()) - left) * left
         print(f"[{done}/{len(todo)}] {run.name}: train {out['train_loss']:.4f} val {out['val_loss']:.4f} "
               f"acc {100 * out['val_acc']:.1f}% ({secs:.1f}s, ETA {eta / 60:.1f} min)", flush=True)  # fmt: skip
 
@@ -271,8 +290,17 @@ def _results(args: ResnetDigitsArgs, todo: list[Run]) -> Iterator[tuple[Run, dic
     if args.workers == 1:
         yield from (_worker(args, r) for r in todo)
         return
-    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        yield from (f.result() for f in as_completed([pool.submit(_worker, args, r) for r in todo]))
+    signal.signal(signal.SIGTERM, _exit)  # so that the pool's exit below also ends the workers
+    with get_context("spawn").Pool(args.workers) as pool:  # leaving the block terminates the workers
+        yield from pool.imap_unordered(_worker_star, [(args, r) for r in todo])
+
+
+def _worker_star(item: tuple[ResnetDigitsArgs, Run]) -> tuple[Run, dict[str, Any], float]:
+    return _worker(*item)
+
+
+def _exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _main(args: ResnetDigitsArgs) -> int:
@@ -281,7 +309,7 @@ def _main(args: ResnetDigitsArgs) -> int:
     if args.plot:
         from plot_resnet_digits import plot_all  # examples/: the script's own directory is on sys.path
 
-        for path in plot_all(args):
+        for path in plot_all(args, run_config(args)):
             print(f"wrote {path}")
     return 0
 

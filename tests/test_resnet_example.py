@@ -67,6 +67,9 @@ def test_resnet_digits_sweep(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "8 runs, 8 finished before, 0 to train" in again.stdout
     assert {p.name: p.read_bytes() for p in (out / "runs").glob("*.jsonl")} == before
+    # finished runs of other settings are never reused as this command's
+    other = run(f"out_dir={out}", *ARGV, "weight_decay=0.5", "plot=false")
+    assert other.returncode == 2 and other.stderr.startswith("config error: out_dir") and "weight_decay" in other.stderr
 
 
 def test_resnet_digits_cli(tmp_path):
