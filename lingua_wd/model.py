@@ -9,6 +9,7 @@ from scaling.depth at start-up; 1 otherwise, and then no multiply at all).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -185,24 +186,32 @@ class Transformer(nn.Module):
     def init_weights(self, std_fn: Optional[StdFn] = None, seed: int = 0) -> None:
         """(Re)initialize every parameter deterministically; works after meta -> to_empty.
 
-        std_fn: (name, param) -> std, the width plan's init (scaling.init_std_fn); gains are set to ones.
-
-        Each parameter gets its own generator seeded from (seed, its index), on the parameter's device,
-        so the result does not depend on sharding: under FSDP2 the full tensor is drawn on every rank
-        and each rank keeps its rows (same values on CPU runs, and on GPU runs, of any world size).
+        std_fn: (name, param) -> std, the width plan's init (scaling.init_std_fn); gains are set to ones
+        (init_parameters, which library.reinit shares).
         """
         std_fn = std_fn or init_std_fn(ScalingArgs(), self.args.dim)  # the sp plan's init (App. G.3)
         self.rope = rope_tables(
             self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=self.rope.device
         )
-        for i, (name, p) in enumerate(self.named_parameters()):
-            dev = p.device
-            if name.endswith("norm.weight"):
-                full = torch.ones(p.shape, device=dev)
-            else:
-                gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + i)
-                full = torch.randn(p.shape, generator=gen, device=dev) * std_fn(name, p)
-            _copy_full_(p, full)
+        init_parameters(self, std_fn, seed, lambda name: name.endswith("norm.weight"))
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, std_fn: StdFn, seed: int, is_gain: Callable[[str], bool]) -> None:
+    """Every parameter of any module: ones where is_gain(name), else N(0, std_fn(name, p)^2) (std 0: zeros).
+
+    Each parameter gets its own generator seeded from (seed, its index), on the parameter's device,
+    so the result does not depend on sharding: under FSDP2 the full tensor is drawn on every rank
+    and each rank keeps its rows (same values on CPU runs, and on GPU runs, of any world size).
+    """
+    for i, (name, p) in enumerate(model.named_parameters()):
+        dev = p.device
+        if is_gain(name):
+            full = torch.ones(p.shape, device=dev)
+        else:
+            gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + i)
+            full = torch.randn(p.shape, generator=gen, device=dev) * std_fn(name, p)
+        _copy_full_(p, full)
 
 
 def _copy_full_(p: torch.Tensor, full: torch.Tensor) -> None:

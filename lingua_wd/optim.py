@@ -39,6 +39,7 @@ from lingua_wd.scaling import (
     fans,
     group_decay,
     muon_update_rms,
+    one_hot_params,
     param_classes,
     plan,
 )
@@ -201,12 +202,16 @@ def make_optimizer(groups: list[dict], args: OptimArgs, on_cuda: bool) -> torch.
     return parts[0] if len(parts) == 1 else CombinedOptimizer(parts)
 
 
-def param_groups(model: nn.Module, p: Plan, classes: dict[str, str]) -> tuple[list[dict], list[dict], list[dict]]:
+def param_groups(
+    model: nn.Module, p: Plan, classes: dict[str, str], one_hot: Optional[set[str]] = None
+) -> tuple[list[dict], list[dict], list[dict]]:
     """The plan's classes with the model's parameters attached: (optimizer groups, one table row per
     group, one row per parameter). Each group carries "name", "class", "rule", "lr", "initial_lr" (peak),
     "weight_decay", "eps" and "decay_rule" (how the optimizer applies it: scaling.DECAY_RULES); a group of a
-    class Muon updates also "optimizer": "muon" and its "adjust_lr"."""
+    class Muon updates also "optimizer": "muon" and its "adjust_lr". one_hot: the embedding weights, whose
+    fans are (rows, columns) (None: scaling.one_hot_params of the model)."""
     named = dict(model.named_parameters())
+    one_hot = one_hot_params(model) if one_hot is None else one_hot
     groups, rows, prows = [], [], []
     for cls, cp in p.classes.items():
         names = [n for n, c in classes.items() if c == cls]
@@ -221,7 +226,8 @@ def param_groups(model: nn.Module, p: Plan, classes: dict[str, str]) -> tuple[li
             group.update(optimizer="muon", adjust_lr=cp.adjust_lr)
         groups.append(group)
         mine = [{"name": n, "class": cls, "group": name, "shape": list(named[n].shape),
-                 "fan_in": fans(cls, named[n].shape)[0], "init_std": cp.init_std(named[n].shape)} for n in names]  # fmt: skip
+                 "fan_in": fans(cls, named[n].shape, n in one_hot)[0],
+                 "init_std": cp.init_std(named[n].shape, n in one_hot)} for n in names]  # fmt: skip
         if muon:  # per parameter: the update RMS r of eq 30 depends on the shape (scaling.muon_update_rms)
             for r in mine:
                 r["update_rms"] = muon_update_rms(cp.adjust_lr, r["shape"][0], r["shape"][1])
@@ -265,19 +271,26 @@ def build_optimizer(
         )
     groups, rows, prows = param_groups(model, p, param_classes(model, scaling))
     opt = make_optimizer(groups, optim, next(model.parameters()).device.type == "cuda")
-    groups = opt.param_groups  # the optimizer's order (AdamW groups first under variant=muon)
-    extra = None
-    if scaling.extra_warmup != "none":
-        extra = extra_warmup_factors(
-            scaling.extra_warmup, schedule, total_steps, p.width_mult, scaling.extra_warmup_frac, p.warmup_decay
-        )
-    warm = [p.classes[g["class"]].extra_warmup != "none" for g in groups]
-    sched = LambdaLR(opt, [group_factor(schedule, total_steps, extra if w else None) for w in warm])
+    sched = group_scheduler(opt, p, schedule, total_steps)
     if dump_dir is not None:
         header = p.header()
         write_param_groups(Path(dump_dir) / "param_groups.json", header, rows, prows)
         logger.info("parameter groups (%s)\n%s", ", ".join(f"{k}={v}" for k, v in header.items()), format_table(rows))
     return opt, sched
+
+
+def group_scheduler(opt: torch.optim.Optimizer, p: Plan, schedule: ScheduleArgs, total_steps: int) -> LambdaLR:
+    """A LambdaLR with one factor per group of the plan (read from each group's "class"): the base schedule,
+    times the extra warmup 1/m -> 1 (eq 14, 15) in the classes it applies to. Step it after every
+    optimizer step; it multiplies each group's initial_lr (the class's peak LR)."""
+    kinds = {cp.extra_warmup for cp in p.classes.values()} - {"none"}
+    extra = None
+    if kinds:  # one kind: scaling.extra_warmup
+        extra = extra_warmup_factors(
+            kinds.pop(), schedule, total_steps, p.width_mult, p.extra_warmup_frac, p.warmup_decay
+        )
+    warm = [p.classes[g["class"]].extra_warmup != "none" for g in opt.param_groups]
+    return LambdaLR(opt, [group_factor(schedule, total_steps, extra if w else None) for w in warm])
 
 
 def _fmt(x) -> str:

@@ -1,11 +1,13 @@
 """Alignment probes (SPEC §5): in-loop alignment ratios, relative updates, representation change and
 top singular values of chosen linear layers Y = W X, exact under FSDP2 and cheap enough to leave on.
+A convolution is the linear map W (C_out, C_in prod(kernel)) on its unfolded input patches
+(torch.nn.functional.unfold): the same metrics, with X the patches (layer_rows); groups=1 only.
 
 The trainer calls two hooks around the optimizer step of a probe step t (see `Probes`):
 - `before_step`: snapshot this rank's rows of W_t (fp32), then run ONE extra no-grad forward of the
-  probe slice (rank 0's first sequences, broadcast). Forward pre-hooks, registered once on the
-  probed nn.Linear modules and gated by a plain bool, keep X at `positions` evenly strided tokens
-  of each sequence. Blocks compiled in place (`block.compile()`) run that forward compiled: dynamo
+  probe slice (rank 0's first sequences or samples, broadcast: `model(inputs)`). Forward pre-hooks,
+  registered once on the probed modules and gated by a plain bool, keep X at `positions` evenly
+  strided tokens of each sequence (patch positions of each image). Blocks compiled in place (`block.compile()`) run that forward compiled: dynamo
   guards on the bool and on grad mode, so the probe forward is one more graph per block, compiled
   at the first probe and reused after; the training graphs trace the gated-off hooks as no-ops.
 - `after_step`: dW = W_{t+1} - W_t (total change, decay included) on the local rows; ||W_t||, ||dW||,
@@ -28,7 +30,9 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from lingua_wd import theory
 from lingua_wd.args import check, check_choice, one_of
@@ -155,13 +159,14 @@ def parse_probe_key(key: str) -> Optional[tuple[str, str]]:
 SUMS = ("w", "y", "dw", "dwx", "sigma", "dwg", "dwgx", "dw_sigma")  # per-layer partial sums of squares, all-reduced
 CHUNK = 1 << 25  # elements per temporary in the chunked products and norms (bounds extra memory)
 COLD_ITERS = 30  # power iterations at a layer's first probe (random start); later probes warm-start
+LANCZOS_BREAKDOWN = 1e-4  # a Lanczos residual below this x the largest diagonal entry so far: no new direction
 DW_KEY = "dw:"  # state_dict prefix of the dW power iteration's vectors (W's have the bare layer name)
 
 
 @dataclass
 class ProbeArgs:
     every: int = 10  # probe every N optimizer steps (step % every == 0; 0 = off)
-    layers: list[str] = field(default_factory=list)  # name globs of linears (layers.*.attention.wq) or all; [] = off
+    layers: list[str] = field(default_factory=list)  # name globs of linears/convs (layers.*.attention.wq), all; [] off
     fraction: float = 1 / 64  # share of one micro-batch giving the probe inputs X (>= 1 sequence)
     positions: int = 1024  # tokens per probe sequence whose X is kept, evenly strided to the last (0 = all)
     metrics: list[str] = one_of(DEFAULT_METRICS, lambda: METRICS)  # what to log (probes.METRICS); grad_*: no decay
@@ -180,29 +185,36 @@ def check_probe_args(args: ProbeArgs) -> None:
     check(len(args.metrics) > 0, "probes.metrics", "is empty (set probes.layers=[] to turn probes off)")
 
 
+PROBED = (nn.Linear, nn.Conv1d, nn.Conv2d)  # the layers Y = W X the probes take (a conv: on its patches)
+
+
 def match_layers(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Names of the nn.Linear modules matching any glob ("all" = every linear), in model order."""
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Names of the linear and convolution modules matching any glob ("all" = every one), in model order."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, PROBED)]
     globs = ["*" if p == "all" else str(p) for p in patterns]
     for pat, glob in zip(patterns, globs, strict=True):
         hits = [n for n in linears if fnmatchcase(n, glob)]
         check(bool(hits), "probes.layers", f"{pat!r} matches no linear layer (e.g. {', '.join(linears[:3])}, ...)")
-    return [n for n in linears if any(fnmatchcase(n, g) for g in globs)]
-
-
-def layer_classes(model: nn.Module, names: list[str], scaling_args: Optional[ScalingArgs] = None) -> dict[str, str]:
-    """Layer -> parameter class of its weight (scaling.param_classes), for the per-class medians."""
-    classes = param_classes(model, scaling_args or ScalingArgs())
-    return {n: classes[f"{n}.weight"] for n in names}
+    names = [n for n in linears if any(fnmatchcase(n, g) for g in globs)]
+    for n in names:
+        groups = getattr(model.get_submodule(n), "groups", 1)
+        check(groups == 1, "probes.layers", f"{n} is a convolution with groups={groups}; the probes take groups=1 only")
+    return names
 
 
 def build_probes(args: ProbeArgs, model: nn.Module, scaling_args: Optional[ScalingArgs] = None) -> Optional[Probes]:
-    """The probes of `args` on `model` (after fully_shard / compile), or None when they are off."""
+    """The trainer's probes of `args` on `model` (after fully_shard / compile), or None when they are off."""
     check_probe_args(args)
     if args.every == 0 or not args.layers:
         return None
+    return attach(args, model, param_classes(model, scaling_args or ScalingArgs()))
+
+
+def attach(args: ProbeArgs, model: nn.Module, classes: dict[str, str]) -> Probes:
+    """Probes on the layers of args.layers, each with the class of its weight in `classes` (parameter name ->
+    class) for the per-class medians; the trainer's path (build_probes) and the library's (attach_probes)."""
     names = match_layers(model, args.layers)
-    return Probes(args, model, layer_classes(model, names, scaling_args))
+    return Probes(args, model, {n: classes[f"{n}.weight"] for n in names})
 
 
 def stride_positions(seq_len: int, positions: int) -> tuple[int, int]:
@@ -238,7 +250,7 @@ class Probes:
         self._v: dict[str, torch.Tensor] = {}  # power-iteration vectors of W (R^C, replicated), kept across probes
         self._v_dw: dict[str, torch.Tensor] = {}  # the same for dW
         # the X capture: gated pre-hooks, registered once so compiled blocks never see the hook dicts change
-        self._capturing, self._start, self._stride = False, 0, 1
+        self._capturing = False
         hooked = self.modules.values() if self.need_x else []
         self._handles = [m.register_forward_pre_hook(self._keep_input) for m in hooked]
         self._reset()
@@ -247,7 +259,7 @@ class Probes:
         # Traced by dynamo inside compiled blocks: it guards on the bool, so the training graphs
         # hold a no-op; a module attribute (not a dict keyed by module) keeps one graph for all blocks.
         if self._capturing:
-            module._probe_x = args[0][:, self._start :: self._stride].detach().clone()
+            module._probe_x = layer_rows(module, args[0].detach(), self.args.positions)
 
     def remove(self) -> None:
         """Unregister the capture hooks (the model then runs exactly as without probes)."""
@@ -276,7 +288,8 @@ class Probes:
 
     @torch.no_grad()
     def before_step(self, step: int, inputs: torch.Tensor) -> None:
-        """Snapshot W_t and capture X on the probe slice of `inputs` (mb, T) (this rank's)."""
+        """Snapshot W_t and capture X on the probe slice of `inputs` (this rank's batch: (mb, T) tokens, or
+        any tensor the model takes, sliced on its first dim); the probe forward is `model(slice)`."""
         self._reset()
         self._step = step
         _reshard(self.model)  # module.weight must be the sharded parameter the optimizer updates
@@ -286,7 +299,7 @@ class Probes:
 
     def _snapshot(self) -> None:
         """Copy this rank's rows of each W_t (fp32) into one (layers, K_local, C) buffer per shape."""
-        local = {n: _local(m.weight).detach() for n, m in self.modules.items()}
+        local = {n: _matrix(_local(m.weight)).detach() for n, m in self.modules.items()}
         by_shape: dict[tuple[int, ...], list[str]] = {}
         for n, w in local.items():
             by_shape.setdefault(tuple(w.shape), []).append(n)
@@ -297,17 +310,20 @@ class Probes:
             self._groups.append((names, buf))
 
     def _capture(self, tokens: torch.Tensor) -> None:
-        self._start, self._stride = stride_positions(tokens.shape[1], self.args.positions)
+        # batch norms in training mode would fold the probe slice into their running statistics: put them back
+        stats = [(b, b.clone()) for m in self.model.modules() if isinstance(m, _BatchNorm) for b in m.buffers(False)]
         self._capturing = True
         try:
             self.model(tokens)
         finally:
             self._capturing = False
             _reshard(self.model)  # an FSDP2 root keeps its params gathered after forward otherwise
+            for b, saved in stats:
+                b.copy_(saved)
         for n, m in self.modules.items():
             x = vars(m).pop("_probe_x", None)  # None: the module did not run in the forward
             if x is not None:
-                self._x[n] = x.reshape(-1, x.shape[-1])
+                self._x[n] = x
 
     @torch.no_grad()
     def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -316,7 +332,7 @@ class Probes:
         params = {n: m.weight for n, m in self.modules.items()}
         group = _shard_group(list(params.values()))
         decays = _decays(optimizer, params)
-        w1 = {n: _local(p).detach() for n, p in params.items()}
+        w1 = {n: _matrix(_local(p)).detach() for n, p in params.items()}
         order = [n for names, _ in self._groups for n in names]
         xs = [self._stack_x(names, buf.shape[-1]) for names, buf in self._groups]  # once per group, reused
         cols: dict[str, list[torch.Tensor]] = {"w": [_sq_norms(buf) for _, buf in self._groups]}
@@ -338,7 +354,8 @@ class Probes:
         wanted = [m for m in METRICS if m in self.args.metrics]
         out = {}
         for n in self.modules:
-            norms = layer_norms(rows[n], tuple(params[n].shape), decays.get(n))
+            shape = params[n].shape  # the global shape (a DTensor's too); a conv's as the matrix (K, C)
+            norms = layer_norms(rows[n], (shape[0], math.prod(shape[1:])), decays.get(n))
             for metric in wanted:
                 v = METRICS[metric].value(norms)
                 if v is not None and math.isfinite(v):  # a denominator of 0 leaves the metric out
@@ -408,6 +425,7 @@ class Probes:
         basis = [[v] for v in start]  # per shape group: the Lanczos vectors, (layers, C) each
         diag: list[list[torch.Tensor]] = [[] for _ in start]
         off: list[list[torch.Tensor]] = [[] for _ in start]
+        alive = [torch.ones(v.shape[0], dtype=torch.bool, device=v.device) for v in start]
         for j in range(steps):
             for g, z in enumerate(self._gram([b[-1] for b in basis], group)):
                 q = torch.stack(basis[g], 1)  # (layers, j + 1, C)
@@ -416,8 +434,13 @@ class Probes:
                     z = z - torch.bmm(torch.bmm(z.unsqueeze(1), q.transpose(1, 2)), q).squeeze(1)
                 if j < steps - 1:
                     beta = torch.linalg.vector_norm(z, dim=1)
-                    off[g].append(beta)
-                    basis[g].append(z / beta.clamp_min(1e-30).unsqueeze(1))
+                    # breakdown: the Krylov space is exhausted (dW's rank < steps, e.g. a rank-one update or
+                    # fewer rows than steps); the residual is rounding noise, whose normalization would break the
+                    # three-term recurrence T encodes. The layer stops there (zero vectors, zero couplings).
+                    scale = torch.stack(diag[g], 1).abs().amax(1)
+                    alive[g] = alive[g] & (beta > LANCZOS_BREAKDOWN * scale)
+                    off[g].append(torch.where(alive[g], beta, 0.0))
+                    basis[g].append(torch.where(alive[g].unsqueeze(1), z / beta.clamp_min(1e-30).unsqueeze(1), 0.0))
         ys = []
         for g, v0 in enumerate(start):
             t = torch.diag_embed(torch.stack(diag[g], 1)).double()  # (layers, steps, steps) tridiagonal
@@ -490,6 +513,40 @@ def _decays(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -
         for n, p in params.items()
         if id(p) in owner
     }
+
+
+def layer_rows(module: nn.Module, x: torch.Tensor, positions: int) -> torch.Tensor:
+    """The rows X (N, C) that `module` multiplies by its weight W (K, C) on input x: a linear's inputs (..., C),
+    a convolution's unfolded input patches (C = C_in prod(kernel)); on sequences (B, T, ..., C) or patch
+    positions (B, L, C), `positions` evenly strided per sample (stride_positions), like the tokens of a sequence."""
+    if isinstance(module, nn.Linear):
+        rows = x.flatten(1, -2) if x.ndim >= 3 else x.reshape(-1, 1, x.shape[-1])  # (B, T, C)
+    else:
+        rows = conv_patches(module, x)  # (B, L, C_in prod(kernel))
+    start, stride = stride_positions(rows.shape[1], positions)
+    return rows[:, start::stride].clone().reshape(-1, rows.shape[-1])  # a copy: never a view of the forward's x
+
+
+def conv_patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, C_in, *spatial) -> (B, L, C_in prod(kernel)): the receptive fields of a Conv1d/Conv2d (groups=1) as
+    unfold lays them out, so that conv(x) = patches @ W.reshape(C_out, -1).T (+ bias), with its stride,
+    padding (any mode, "same" too: padded here as the conv pads) and dilation. A Conv1d is a Conv2d of height 1."""
+    pad = conv.padding
+    if conv.padding_mode != "zeros" or isinstance(pad, str):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x, pad = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), 0
+    kernel, dilation, stride = conv.kernel_size, conv.dilation, conv.stride
+    if isinstance(conv, nn.Conv1d):
+        x = x.unsqueeze(2)  # (B, C, 1, L)
+        kernel, dilation, stride = (1, *kernel), (1, *dilation), (1, *stride)
+        pad = (0, pad if isinstance(pad, int) else pad[0])
+    cols = F.unfold(x, kernel, dilation=dilation, padding=pad, stride=stride)  # (B, C_in prod(kernel), L)
+    return cols.transpose(1, 2)
+
+
+def _matrix(w: torch.Tensor) -> torch.Tensor:
+    """A weight as the matrix W (K, C) of Y = W X: a convolution's (C_out, C_in, *kernel) flattened (a view)."""
+    return w if w.ndim == 2 else w.reshape(w.shape[0], -1)
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

@@ -318,25 +318,42 @@ def classify(name: str, patterns: list[tuple[str, str]]) -> Optional[str]:
 
 def param_classes(model: nn.Module, args: ScalingArgs) -> dict[str, str]:
     """Parameter name -> class; an unmatched parameter or a pattern that matches nothing is a ConfigError."""
-    patterns = parse_patterns(args.patterns)
+    return pattern_classes(model, args.patterns)
+
+
+def pattern_classes(model: nn.Module, patterns: Sequence[str], partial: bool = False) -> dict[str, str]:
+    """Parameter name -> class of the first "class:glob" pattern matching it (App. G.2). A pattern that
+    matches nothing is a ConfigError, so is an unmatched parameter unless `partial` (then it is left out)."""
+    parsed = parse_patterns(list(patterns))
     classes, used = {}, set()
     for name, _ in model.named_parameters():
-        cls = classify(name, patterns)
+        cls = classify(name, parsed)
         if cls is None:
-            raise ConfigError(f"scaling.patterns: parameter {name!r} matches no pattern")
-        used.add(next(i for i, (glob, _) in enumerate(patterns) if fnmatchcase(name, glob)))
+            check(partial, "scaling.patterns", f"parameter {name!r} matches no pattern")
+            continue
+        used.add(next(i for i, (glob, _) in enumerate(parsed) if fnmatchcase(name, glob)))
         classes[name] = cls
-    for i, (glob, cls) in enumerate(patterns):
+    for i, (glob, cls) in enumerate(parsed):
         check(i in used, f"scaling.patterns.{i}", f"'{cls}:{glob}' matches no parameter (first match wins)")
     return classes
 
 
-def fans(cls: str, shape: Sequence[int]) -> tuple[int, int]:
-    """(fan_in, fan_out): a linear's or convolution's in_features x kernel size and out_features; the
-    embedding's one-hot input size (the vocabulary) and its width; (1, 1) for vectors."""
+ONE_HOT_MODULES = (nn.Embedding, nn.EmbeddingBag)  # weight (num_embeddings, dim): the fan-in is dim 0
+
+
+def one_hot_params(model: nn.Module) -> set[str]:
+    """Names of the weights whose input is one-hot (embeddings): their fans are (rows, columns), not a
+    linear's (columns, rows) (fans)."""
+    return {f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, ONE_HOT_MODULES)}
+
+
+def fans(cls: str, shape: Sequence[int], one_hot: Optional[bool] = None) -> tuple[int, int]:
+    """(fan_in, fan_out): a linear's or convolution's in_features x kernel size (C_in prod(kernel)) and
+    out_features; an embedding's (one_hot: its weight is (num_embeddings, dim)) one-hot input size (the
+    vocabulary) and its width; (1, 1) for vectors. one_hot None: the input class is the embedding (LLaMA)."""
     if len(shape) < 2:
         return 1, 1
-    if cls == "input":
+    if cls == "input" if one_hot is None else one_hot:
         return int(shape[0]), int(shape[1])
     return int(math.prod(shape[1:])), int(shape[0])
 
@@ -446,16 +463,19 @@ def target_tau_iter(args: ScalingArgs, tokens_per_step: int, shape: Optional[Run
 @dataclass(frozen=True)
 class Init:
     """App. G.3: std 1/sqrt(fan) of the fan named (linears: in; the embedding: out, i.e. 1/sqrt(d)), divided
-    by sqrt(div) (full muP's readout: div = m); no fan: 0 (gains are set to ones by the model, biases to 0)."""
+    by sqrt(div) (full muP's readout: div = m); no fan: 0 (gains are set to ones by the model, biases to 0).
+    "out" is the one-hot input's rule: a dense input layer (a linear or a convolution stem, one_hot False)
+    takes 1/sqrt(fan_in) like every other matrix (muP's input weights: variance 1/fan_in, fan_in fixed)."""
 
     fan: str  # "in" | "out" | ""
     div: float = 1.0
 
-    def std(self, cls: str, shape: Sequence[int]) -> float:
+    def std(self, cls: str, shape: Sequence[int], one_hot: Optional[bool] = None) -> float:
         if not self.fan or len(shape) < 2:
             return 0.0
-        fan_in, fan_out = fans(cls, shape)
-        return 1.0 / math.sqrt(fan_in if self.fan == "in" else fan_out) / math.sqrt(self.div)
+        one_hot = cls == "input" if one_hot is None else one_hot
+        fan_in, fan_out = fans(cls, shape, one_hot)
+        return 1.0 / math.sqrt(fan_out if self.fan == "out" and one_hot else fan_in) / math.sqrt(self.div)
 
 
 def class_init(args: ScalingArgs, cls: str, m: float) -> Init:
@@ -501,8 +521,8 @@ class ClassPlan:
         """Eq 33: the equilibrium weight RMS ~ r sqrt(eta / (2 lambda)) of the per-step decay (r: update_rms)."""
         return _finite(self.update_rms * theory.decay_equilibrium_rms(self.lr, self.decay))
 
-    def init_std(self, shape: Sequence[int]) -> float:
-        return self.init.std(self.cls, shape)
+    def init_std(self, shape: Sequence[int], one_hot: Optional[bool] = None) -> float:
+        return self.init.std(self.cls, shape, one_hot)
 
     def time_to_equilibrium(self, rho0: float) -> Optional[float]:
         """Eq 34: steps from an RMS of rho0 into the equilibrium band at the peak LR (None without decay)."""
@@ -583,6 +603,7 @@ class Plan:
     classes: dict[str, ClassPlan]  # every class of CLASSES
     muon: Optional[MuonSpec] = None  # optim.variant=muon: the classes Muon updates
     axes: Axes = field(default_factory=Axes)  # depth, batch, horizon against their bases
+    extra_warmup_frac: float = 0.5  # scaling.extra_warmup_frac (the exp warmup's T_W / T, eq 14)
 
     @property
     def residual_mult(self) -> float:
@@ -653,7 +674,8 @@ def plan(
         )
     label = rule_label(args.width, args.wd)
     source = WIDTH_RULES[args.width].source if label == args.width else WD_RULES[args.wd].source
-    return Plan(label, source, m, dim, args.base_dim or dim, variant, tau or None, rows, muon=muon, axes=axes)
+    return Plan(label, source, m, dim, args.base_dim or dim, variant, tau or None, rows, muon=muon, axes=axes,
+                extra_warmup_frac=args.extra_warmup_frac)  # fmt: skip
 
 
 def _class_hparams(
