@@ -177,6 +177,8 @@ def plot_all(args: Any, config: dict[str, Any]) -> list[Path]:
     base = min(r["width"] for r in runs) if args.base_width not in {r["width"] for r in runs} else args.base_width
     lr = args.curve_lr or best_lr(runs, "independent", base) or best_lr(runs, runs[0]["wd"], base)
     layer = args.probe_layer
-    paths.append(plot_over_time(runs, lr, RRC_PANELS, out / "rrc_widths.png", f"{layer}: updates across widths"))
-    paths.append(plot_over_time(runs, lr, ALIGN_PANELS, out / "alignment_time.png", f"{layer}: alignment over time"))
+    title = f"{layer}: updates across widths (dashed: eq 36's equilibrium relative update)"
+    paths.append(plot_over_time(runs, lr, RRC_PANELS, out / "rrc_widths.png", title))
+    title = f"{layer}: alignment over time (dotted: 1/sqrt(C), a random W's weight alignment)"
+    paths.append(plot_over_time(runs, lr, ALIGN_PANELS, out / "alignment_time.png", title))
     return paths
