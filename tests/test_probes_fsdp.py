@@ -1,5 +1,6 @@
 """Probes under FSDP2: a 2-process gloo run (this file is also the worker, launched by torchrun)
-gives the same metrics as one process, changes no loss bit, and works with bf16 mixed precision.
+gives the same metrics as one process, changes no loss bit, and works with bf16 mixed precision; the
+library API (lingua_wd/library.py) on a sharded CNN gives one process's probe values too.
 """
 
 from __future__ import annotations
@@ -148,5 +149,85 @@ def test_gpu_bf16_compiled_trainer(tmp_path, tiny):
         assert recs[0][f"probe/{layer}/weight_align"] == pytest.approx(1 / 8, rel=0.2), layer
 
 
+# ----------------------------------------------------------------------------- the library on a sharded CNN
+
+CNN_BATCH, CNN_WIDTH, CNN_BASE = 8, 16, 8
+
+
+def cnn_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(2)
+    return [(torch.randn(CNN_BATCH, 3, 8, 8, generator=gen), torch.randint(0, 10, (CNN_BATCH,), generator=gen))
+            for _ in range(STEPS)]  # fmt: skip
+
+
+def run_cnn(model, batches, fraction: float) -> list[dict]:
+    """A user's loop with the API, as docs/library.md orders it: fully_shard (done), classify against a base
+    on the meta device, reinit, param_groups, plain AdamW, attach_probes."""
+    from test_library import CNN
+
+    from lingua_wd import library as lw
+    from lingua_wd.scaling import ScalingArgs
+
+    with torch.device("meta"):
+        base = CNN(CNN_BASE, norm="group")  # group norm: no statistics across the ranks' samples
+    classes = lw.classify(model, base=base)
+    plan = lw.plan(ScalingArgs(width="mup", wd="independent", base_dim=CNN_BASE), CNN_WIDTH, lr=LR, weight_decay=WD)
+    lw.reinit(model, plan, classes, seed=0)
+    opt = torch.optim.AdamW(lw.param_groups(model, plan, classes))
+    probes = lw.attach_probes(model, ["all"], classes, every=1, fraction=fraction, positions=0,
+                              metrics=list(METRICS), power_iters=300)  # fmt: skip
+    metrics = []
+    for step, (x, y) in enumerate(batches, 1):
+        F.cross_entropy(model(x), y).backward()
+        probes.before_step(step, x)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        metrics.append(probes.after_step(step, opt))
+    return metrics
+
+
+def cnn_worker(out: str) -> None:
+    from test_library import CNN
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per = CNN_BATCH // world
+    model = CNN(CNN_WIDTH, norm="group")
+    for layer in (model.conv, model.proj, model.seq):
+        fully_shard(layer)
+    fully_shard(model)
+    mine = [(x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]) for x, y in cnn_batches()]
+    metrics = run_cnn(model, mine, 0.5)  # rank 0's first 2 samples
+    sharded = all(hasattr(p, "device_mesh") for p in model.parameters())
+    everyone = [None] * world
+    dist.all_gather_object(everyone, metrics)
+    if rank == 0:
+        result = {"metrics": metrics, "ranks_agree": all(m == metrics for m in everyone), "sharded": sharded}
+        Path(out).write_text(json.dumps(result))
+    shutdown()  # barrier, then destroy: torch 2.13 gloo processes can abort at exit without it
+
+
+def test_library_on_a_two_process_fsdp_cnn_matches_one_process(tmp_path):
+    from test_library import CNN
+
+    from conftest import ROOT, env, free_port
+
+    out = tmp_path / "cnn.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           __file__, str(out), "cnn"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(env(), PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    log = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if not line.startswith("[W"))
+    assert proc.returncode == 0, log[-6000:]
+    got = json.loads(out.read_text())
+    assert got["ranks_agree"] and got["sharded"]
+    ref = run_cnn(CNN(CNN_WIDTH, norm="group"), cnn_batches(), 0.25)  # 2 of 8 samples = rank 0's first 2
+    for step, (g, want) in enumerate(zip(got["metrics"], ref, strict=True)):
+        assert g.keys() == want.keys() and any(k.startswith("probe/seq/") for k in g) and len(g) > 60
+        for k, v in want.items():
+            assert g[k] == pytest.approx(v, rel=1e-4, abs=1e-9), (step, k)
+
+
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    (cnn_worker if sys.argv[2:] == ["cnn"] else worker)(sys.argv[1])
