@@ -188,13 +188,14 @@ def train_run(args: ResnetDigitsArgs, run: Run) -> dict[str, Any]:
     probes = lw.attach_probes(model, [args.probe_layer], classes, every=args.probe_every, fraction=1.0)
     # lingua_wd: end
 
-    records = [{"run": run.name, **asdict(run), "config": run_config(args), "planes": planes, "width_mult": plan.width_mult,
-                "groups": {g["class"]: {"lr": g["initial_lr"], "weight_decay": g["weight_decay"]} for g in groups}}]  # fmt: skip
+    peak = {g["class"]: {"lr": g["initial_lr"], "weight_decay": g["weight_decay"]} for g in groups}
+    records = [{"run": run.name, **asdict(run), "config": run_config(args), "planes": planes,
+                "width_mult": plan.width_mult, "groups": peak}]  # fmt: skip
     losses = torch.zeros(args.steps)  # per-step train loss, read on log steps only (no per-step host sync)
+    model.train()
     for step in range(1, args.steps + 1):
         idx = torch.randint(len(y_tr), (args.batch_size,), generator=order)
         x, y = x_tr[idx], y_tr[idx]
-        model.train()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         losses[step - 1] = loss.detach()
