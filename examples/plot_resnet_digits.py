@@ -123,19 +123,27 @@ def _curves(runs: list[dict], wd: str, width: float, lr: float, metric: str) -> 
     return np.array(steps), vals
 
 
-def plot_over_time(runs: list[dict], lr: float, panels: list[tuple[str, str]], path: Path, title: str) -> Path:
+def plot_over_time(
+    runs: list[dict], lr: float, panels: list[tuple[str, str]], path: Path, title: str, log_steps: bool = False
+) -> Path:
+    """One row per WD rule, one column per metric, one line per width; the y range is set by the first 85% of
+    the run (the cosine decay to 0 sends the updates to 0 at the end; those points are still drawn)."""
     wds = sorted({r["wd"] for r in runs}, key=["standard", "independent"].index)
     widths = sorted({r["width"] for r in runs})
     colors = _colors(widths)
     fig, axes = plt.subplots(len(wds), len(panels), figsize=(4.4 * len(panels), 3.2 * len(wds)), squeeze=False,
                              sharex=True, sharey="col")  # fmt: skip
+    lows: dict[int, float] = {}
     for row, wd in enumerate(wds):
         for col, (metric, label) in enumerate(panels):
             ax = axes[row][col]
             for w in widths:
                 steps, vals = _curves(runs, wd, w, lr, metric)
                 if len(steps):
-                    ax.plot(steps, vals, color=colors[w], label=f"{w:g}x")
+                    ax.plot(steps, vals, color=colors[w], label=f"{w:g}x", marker="." if log_steps else None)
+                    body = vals[(steps <= 0.85 * steps.max()) & np.isfinite(vals)]
+                    if len(body):
+                        lows[col] = min(lows.get(col, np.inf), 0.7 * body.min())
                 if metric == "rel_update":  # eq 36: the equilibrium relative update sqrt(2 eta lambda)
                     s, eq = _curves(runs, wd, w, lr, "eq_rel_update")
                     if len(s):
@@ -145,10 +153,14 @@ def plot_over_time(runs: list[dict], lr: float, panels: list[tuple[str, str]], p
                     if c:
                         ax.axhline(1 / math.sqrt(c), color=colors[w], ls=":", lw=0.8)
             ax.set_yscale("log")
+            if log_steps:
+                ax.set_xscale("log")
             ax.grid(alpha=0.3, which="both")
             ax.set_title(f"{label}\nmuP, {wd} WD", fontsize=9)
             if row == len(wds) - 1:
                 ax.set_xlabel("step")
+    for col, low in lows.items():
+        axes[0][col].set_ylim(bottom=low)  # the columns share y
     axes[0][0].legend(title="width", fontsize=8)
     fig.suptitle(f"{title} (base LR {lr:g})", fontsize=11)
     fig.tight_layout()
@@ -180,5 +192,5 @@ def plot_all(args: Any, config: dict[str, Any]) -> list[Path]:
     title = f"{layer}: updates across widths (dashed: eq 36's equilibrium relative update)"
     paths.append(plot_over_time(runs, lr, RRC_PANELS, out / "rrc_widths.png", title))
     title = f"{layer}: alignment over time (dotted: 1/sqrt(C), a random W's weight alignment)"
-    paths.append(plot_over_time(runs, lr, ALIGN_PANELS, out / "alignment_time.png", title))
+    paths.append(plot_over_time(runs, lr, ALIGN_PANELS, out / "alignment_time.png", title, log_steps=True))
     return paths

@@ -44,7 +44,7 @@ WD_RULES = ("standard", "independent")  # scaling.wd under scaling.width=mup (Ap
 VECTOR_CLASSES = ("input", "gain", "bias")  # not width-scaled: their LR is frozen (App. G.2)
 # the settings recorded in each run's file: a file with others is not reused
 RUN_KEYS = ("base_width", "base_planes", "weight_decay", "vector_lr", "steps", "batch_size", "warmup",
-            "probe_layer", "probe_every", "val_frac", "data_seed")  # fmt: skip
+            "probe_layer", "probe_every", "probe_first", "val_frac", "data_seed")  # fmt: skip
 COST_0 = 0.3  # a run's fixed time in units of the time per unit of width (measured: ~8 s at 0.25x, ~21 s at 1x)
 
 
@@ -64,6 +64,7 @@ class ResnetDigitsArgs:
     warmup: float = 0.05  # linear warmup as a fraction of the run, then cosine decay to 0 (App. G.4)
     probe_layer: str = "layer3.2.conv1"  # the probed layer (a 1x1 convolution, as in Figures 11-13)
     probe_every: int = 10  # probe and log every N steps
+    probe_first: int = 5  # also probe (and log) each of the first N steps: muP's start (Figure 12)
     val_frac: float = 0.2  # share of the 1797 images held out for validation
     data_seed: int = 0  # the validation split's seed (fixed across runs)
     workers: int = 2  # runs in parallel (processes of one thread each)
@@ -192,6 +193,7 @@ def train_run(args: ResnetDigitsArgs, run: Run) -> dict[str, Any]:
     records = [{"run": run.name, **asdict(run), "config": run_config(args), "planes": planes,
                 "width_mult": plan.width_mult, "groups": peak}]  # fmt: skip
     losses = torch.zeros(args.steps)  # per-step train loss, read on log steps only (no per-step host sync)
+    logged = 0  # the last step with a record
     model.train()
     for step in range(1, args.steps + 1):
         idx = torch.randint(len(y_tr), (args.batch_size,), generator=order)
@@ -199,14 +201,16 @@ def train_run(args: ResnetDigitsArgs, run: Run) -> dict[str, Any]:
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         losses[step - 1] = loss.detach()
-        if probes.due(step):  # lingua_wd
+        probe = probes.due(step) or step <= args.probe_first  # lingua_wd: every N steps, and each of the first
+        if probe:  # lingua_wd
             probes.before_step(step, x)  # lingua_wd: snapshot W_t, the probe forward on x
         opt.step()
         opt.zero_grad(set_to_none=True)
-        rec = probes.after_step(step, opt) if probes.due(step) else {}  # lingua_wd: {"probe/<layer>/<metric>": v}
+        rec = probes.after_step(step, opt) if probe else {}  # lingua_wd: {"probe/<layer>/<metric>": value}
         sched.step()
-        if step % args.probe_every == 0 or step == args.steps:
-            records.append({"step": step, "loss": losses[step - args.probe_every : step].mean().item(), **rec})
+        if probe or step == args.steps:  # the loss: mean over the steps since the last record
+            records.append({"step": step, "loss": losses[logged:step].mean().item(), **rec})
+            logged = step
     tail = max(1, args.steps // 10)  # the running train loss: mean of the last 10% of steps (App. G.3: last 100)
     train_loss, _ = evaluate(model, x_tr, y_tr)  # the final weights on the whole train split (less noisy)
     val_loss, val_acc = evaluate(model, x_val, y_val)
@@ -264,6 +268,7 @@ def check_args(args: ResnetDigitsArgs) -> None:
     check(args.base_width > 0, "base_width", f"must be > 0, got {args.base_width}")
     check(args.lrs and all(lr > 0 for lr in args.lrs), "lrs", f"must be positive, got {args.lrs}")
     check(args.steps >= args.probe_every > 0, "probe_every", f"must be in [1, steps], got {args.probe_every}")
+    check(args.probe_first >= 0, "probe_first", f"must be >= 0, got {args.probe_first}")
     check(0 < args.val_frac < 1, "val_frac", f"must be in (0, 1), got {args.val_frac}")
     check(args.workers >= 1 and args.threads >= 1, "workers", "workers and threads must be >= 1")
     check(args.base_planes * min(args.widths) >= 1, "base_planes", "the narrowest width has no channels")
@@ -281,7 +286,7 @@ def sweep(args: ResnetDigitsArgs) -> None:
     t0, left = time.time(), sum(cost.values())
     for done, (run, out, secs) in enumerate(_results(args, todo), 1):
         left -= cost[run]
-        eta = (time.time() - t0) / (sum(cost.values()) - left) * left
+        eta = (time.time() - t0) / (sum(cost.values()) - left) * max(0.0, left)
         print(f"[{done}/{len(todo)}] {run.name}: train {out['train_loss']:.4f} val {out['val_loss']:.4f} "
               f"acc {100 * out['val_acc']:.1f}% ({secs:.1f}s, ETA {eta / 60:.1f} min)", flush=True)  # fmt: skip
 

@@ -20,7 +20,7 @@ LAYER = "layer3.2.conv1"
 ETA, LAMBDA = [4e-3, 1.6e-2], 0.1
 # base_planes=8: the 0.25x base has 2 stage-1 planes, the 1x net 8, so m = 4 at 1x
 ARGV = ["widths=[0.25,1.0]", "base_width=0.25", "base_planes=8", f"lrs=[{ETA[0]},{ETA[1]}]", "seeds=[0]",
-        "steps=30", "probe_every=10", "batch_size=32", "workers=1", f"weight_decay={LAMBDA}"]  # fmt: skip
+        "steps=30", "probe_every=10", "probe_first=2", "batch_size=32", "workers=1", f"weight_decay={LAMBDA}"]  # fmt: skip
 
 
 def run(*argv: str) -> subprocess.CompletedProcess:
@@ -48,7 +48,7 @@ def test_resnet_digits_sweep(tmp_path):
                 assert hidden["lr"] == pytest.approx(eta / m, rel=1e-12)
                 assert hidden["weight_decay"] == pytest.approx(LAMBDA * (m if wd == "independent" else 1), rel=1e-12)
                 assert head["groups"]["output"]["lr"] == pytest.approx(eta / m, rel=1e-12)
-                assert [r["step"] for r in logs] == [10, 20, 30]
+                assert [r["step"] for r in logs] == [1, 2, 10, 20, 30]
                 assert logs[-1]["loss"] < logs[0]["loss"], f"{wd} {width} {eta}: the loss did not fall"
                 for r in logs:
                     for metric in ("rel_update", "weight_align", "update_align", "align_ratio", "rrc"):
