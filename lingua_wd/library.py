@@ -18,6 +18,12 @@ optim.param_groups, optim.group_scheduler, model.init_parameters, probes.attach)
     log = {**lw.hparams(opt), **(probes.after_step(step, opt) if probes.due(step) else {})}
     sched.step()
 
+Functions (signatures in docs/library.md, section "API"): classify(model, patterns=None, base=None),
+plan(scaling, dim, lr, weight_decay, variant="torch", steps=0, ...), reinit(model, plan, classes, seed=0),
+param_groups(model, plan, classes, print_table=False), table(model, plan, classes),
+make_optimizer(groups, variant="torch", **optim_args), scheduler(opt, plan, schedule=None, steps=0),
+attach_probes(model, layers, classes, every=10, **probe_args) -> probes.Probes, hparams(opt).
+
 Classes (SPEC §1, App. G.2): "hidden" (fan-in and fan-out grow with the width), "input" (only fan-out
 grows; embeddings, stems), "output" (only fan-in grows; readouts, routers), "gain" and "bias" (vectors).
 Convolutions are linears with fan-in C_in prod(kernel).
@@ -101,11 +107,13 @@ def plan(
     tokens_per_step: int = 0,
     eps: float = 1e-8,
     muon: Optional[MuonSpec] = None,
+    n_params: int = 0,
 ) -> Plan:
     """scaling.plan at width `dim` (m = dim / args.base_dim) from the base (lr, weight_decay, eps); steps,
-    batch_size, n_layers and tokens_per_step feed the axes beyond width and the timescale rules when set."""
+    batch_size, n_layers, tokens_per_step and n_params feed the axes beyond width (scaling.depth, batch,
+    horizon) and the timescale rules (scaling.tau_epoch, tau_law) when those are set."""
     scaling.check_scaling_args(args)
-    shape = RunShape(n_layers=n_layers, batch_size=batch_size, steps=steps)
+    shape = RunShape(n_layers=n_layers, batch_size=batch_size, steps=steps, n_params=n_params)
     return scaling.plan(args, dim, lr, weight_decay, variant, tokens_per_step, shape, eps, muon=muon)
 
 
