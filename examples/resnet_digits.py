@@ -3,7 +3,8 @@ muP with standard vs independent weight decay, alignment probes on `layer3.2.con
 
 A plain PyTorch training loop; the lines the library adds to it are marked `# lingua_wd` (docs/library.md,
 "ResNet on digits", quotes them). Every run (rule x width x base LR x seed) writes one metrics JSONL under
-out_dir/runs/; a finished run's file is reused, so running the command again fills in only what is missing.
+out_dir/runs/; a finished run's file is reused (if its settings are this command's), so running the command
+again fills in only what is missing.
 Then the figures: the LR-transfer plot (final loss vs base LR, one line per width, one panel per WD rule),
 the relative update / alignment ratio / relative representation change across widths, and the weight and
 update alignment over time (out_dir/figures/).
@@ -51,16 +52,16 @@ COST_0 = 0.3  # a run's fixed time in units of the time per unit of width (measu
 @dataclass
 class ResnetDigitsArgs:
     out_dir: str = "dumps/resnet_digits"  # runs/*.jsonl (one per run, reused when finished) and figures/*.png
-    widths: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # widths relative to base_planes
+    widths: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # multiples of the 1x network (base_planes)
     base_width: float = 0.25  # the width the hyperparameters are tuned at: m = width / base_width (App. D)
     base_planes: int = 16  # stage-1 planes of the 1x network (stages: p, 2p, 4p planes, x4 channels out)
     lrs: list[float] = field(default_factory=lambda: [4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1])  # base LRs
     wds: list[str] = field(default_factory=lambda: list(WD_RULES))  # scaling.wd rules under scaling.width=mup
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # init and batch-order seeds
-    weight_decay: float = 1.0  # lambda_base (App. G.4 has 0.1 over ~50 EMA timescales; 1.0 gives ~2-10 in 300 steps)
+    weight_decay: float = 1.0  # lambda_base (App. G.4: 0.1 over ~50 EMA timescales; 1.0: eta lambda T = 2.4 at 8e-3)
     vector_lr: float = 3.2e-2  # frozen LR of the classes that do not scale with width (input, gain, bias)
     steps: int = 300  # optimizer steps per run
-    batch_size: int = 64
+    batch_size: int = 64  # images per step
     warmup: float = 0.05  # linear warmup as a fraction of the run, then cosine decay to 0 (App. G.4)
     probe_layer: str = "layer3.2.conv1"  # the probed layer (a 1x1 convolution, as in Figures 11-13)
     probe_every: int = 10  # probe and log every N steps
@@ -69,7 +70,7 @@ class ResnetDigitsArgs:
     data_seed: int = 0  # the validation split's seed (fixed across runs)
     workers: int = 2  # runs in parallel (processes of one thread each)
     threads: int = 1  # torch threads per run
-    curve_lr: float = 0.0  # base LR of the over-time figures (0: the best LR of wd=independent at the base width)
+    curve_lr: float = 0.0  # base LR of the over-time figures (0: wd=independent's best train loss at base_width)
     plot: bool = True  # draw the figures after the runs
     verbose: bool = False  # print each run's parameter-group table
 
