@@ -176,11 +176,9 @@ def train_run(args: ResnetDigitsArgs, run: Run) -> dict[str, Any]:
     order = torch.Generator().manual_seed(run.seed)
 
     # lingua_wd: per-class LR/WD of the width plan, re-init by the plan, probes on the 1x1 convolution
-    scaling = ScalingArgs(
-        width="mup", wd=run.wd, base_dim=planes_of(args, args.base_width),
-        frozen_lr={c: args.vector_lr for c in VECTOR_CLASSES},
-    )  # fmt: skip
-    base = ResNet(planes_of(args, args.base_width) if run.width != args.base_width else 2 * planes)
+    base_planes, frozen = planes_of(args, args.base_width), dict.fromkeys(VECTOR_CLASSES, args.vector_lr)
+    scaling = ScalingArgs(width="mup", wd=run.wd, base_dim=base_planes, frozen_lr=frozen)
+    base = ResNet(base_planes if run.width != args.base_width else 2 * planes)
     classes = lw.classify(model, base=base)  # the width dims: those that differ from `base` (at m = 1: any width)
     plan = lw.plan(scaling, dim=planes, lr=run.lr, weight_decay=args.weight_decay, steps=args.steps)
     lw.reinit(model, plan, classes)

@@ -4,6 +4,7 @@ the probes on layer3.2.conv1, the figures, the reuse of finished runs, --help an
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("sklearn", reason="scikit-learn is missing (pip install -e '.[examples]'): the digits data")
+needs_sklearn = pytest.mark.skipif(
+    importlib.util.find_spec("sklearn") is None,
+    reason="scikit-learn is missing (pip install -e '.[examples]'): it ships the digits data",
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "resnet_digits.py"
@@ -31,7 +35,8 @@ def records(out: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (out / "runs" / f"{name}.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow  # 8 tiny ResNets x 30 steps and 4 processes: ~20-40 s on 2 shared cores
+@needs_sklearn
+@pytest.mark.slow  # 8 tiny ResNets x 30 steps and 5 processes: ~25 s on 2 idle cores, ~70 s under load
 def test_resnet_digits_sweep(tmp_path):
     out = tmp_path / "resnet"
     proc = run(f"out_dir={out}", *ARGV)
@@ -72,6 +77,7 @@ def test_resnet_digits_sweep(tmp_path):
     assert other.returncode == 2 and other.stderr.startswith("config error: out_dir") and "weight_decay" in other.stderr
 
 
+@needs_sklearn
 def test_resnet_digits_cli(tmp_path):
     help_ = run("--help")
     assert help_.returncode == 0 and "base_planes=16" in help_.stdout and "layer3.2.conv1" in help_.stdout
@@ -79,3 +85,14 @@ def test_resnet_digits_cli(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("config error: wds") and "Traceback" not in bad.stderr
     typo = run(f"out_dir={tmp_path}", "widht=[1.0]")
     assert typo.returncode == 2 and "widht" in typo.stderr and "Traceback" not in typo.stderr
+
+
+def test_docs_quote_the_script():
+    """docs/library.md's "lines added to the loop" are the script's own lines (no drift)."""
+    doc = (ROOT / "docs" / "library.md").read_text().split("### The lines added to the loop", 1)[1]
+    block = doc.split("```python", 1)[1].split("```", 1)[0]
+    script = {line.strip() for line in SCRIPT.read_text().splitlines()}
+    quoted = [line.strip() for line in block.splitlines() if line.strip() and line.strip() != "..."]
+    assert len(quoted) > 15
+    missing = [line for line in quoted if line not in script]
+    assert not missing, f"docs/library.md quotes lines the script does not have: {missing}"
