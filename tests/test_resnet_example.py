@@ -7,8 +7,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +99,46 @@ def test_docs_quote_the_script():
     assert len(quoted) > 15
     missing = [line for line in quoted if line not in script]
     assert not missing, f"docs/library.md quotes lines the script does not have: {missing}"
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in state
+
+
+@needs_sklearn
+@pytest.mark.slow  # one process start and a kill: ~10 s
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
+def test_resnet_digits_sigterm_ends_the_workers(tmp_path):
+    """SIGTERM to the command ends its worker processes too, and leaves no file of an unfinished run."""
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), f"out_dir={out}", *ARGV, "steps=3000", "workers=2"],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert "to train" in proc.stdout.readline()
+    deadline = time.time() + 60
+    children: list[int] = []
+    while len(children) < 2 and time.time() < deadline:  # the pool's two workers (and its resource tracker)
+        time.sleep(0.2)
+        children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == proc.pid]
+    assert len(children) >= 2, children
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) != 0
+    deadline = time.time() + 10
+    while any(_alive(c) for c in children) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [c for c in children if _alive(c)]
+    for c in left:  # do not leave them running when the test fails
+        os.kill(c, signal.SIGKILL)
+    assert not left, "workers outlived the command"
+    assert not list((out / "runs").glob("*.jsonl")) if (out / "runs").exists() else True
+
+
+def _ppid(proc_dir: Path) -> int:
+    try:
+        return int(proc_dir.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return -1
