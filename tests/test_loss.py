@@ -243,9 +243,7 @@ def test_bench_profile_breakdown_adds_up(tmp_path):
 
 def test_bench_kernel_categories():
     """Real H100 kernel names (cuBLAS, nvjet, flash / cuDNN attention, fused AdamW, FSDP2 copies, inductor)."""
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench()  # alone too: its dataclasses need the module in sys.modules
     cases = {
         "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off_kernel__5x_cublas": "matmul",  # noqa: E501
         "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN": "matmul",
