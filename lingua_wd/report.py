@@ -496,9 +496,10 @@ def _eta_text(ln: ts.LineOptimum) -> str:
     """eta* with its 1-sigma factor (x/ exp(sigma)), or the bound at an edge."""
     if ln.eta is None:
         return "-"
-    if ln.method == "edge":  # the bound its note gives (beyond the worse neighbour), or the one finished LR
-        bound = ln.note.rsplit("eta* ", 1)[-1] if "eta* " in ln.note else f"~ {ln.eta:.3g}"
-        return f"{bound} (best grid point {ln.eta:.3g})"
+    if ln.method == "edge":  # eta* beyond the worse neighbour (ln.bound), or only one finished LR
+        if ln.bound is None:
+            return f"~ {ln.eta:.3g} (one finished LR)"
+        return f"{'<' if ln.edge == 'low' else '>'} {ln.bound:.3g} (best grid point {ln.eta:.3g})"
     return f"{ln.eta:.3g} x/ {math.exp(ln.sigma):.2f}" if ln.sigma else f"{ln.eta:.3g}"
 
 

@@ -95,6 +95,7 @@ class LineOptimum:
     fit: Optional[Quadratic]
     bracket: Optional[tuple[int, int, int]]  # indices into points: finished neighbour, best, finished neighbour
     note: str
+    bound: Optional[float] = None  # at an edge: eta* lies beyond this LR (the worse finished neighbour's)
 
     @property
     def complete(self) -> bool:
@@ -231,14 +232,14 @@ def line_optimum(width: float, points: Mapping[float, Sequence[Outcome]]) -> Lin
     k = done.index(best)
     if k in (0, len(done) - 1):  # eta* may lie beyond the finished LRs: only a bound
         side = "low" if k == 0 else "high"
-        note = f"only one finished LR ({pts[best].lr:.3g})"
+        note, nb = f"only one finished LR ({pts[best].lr:.3g})", None
         if len(done) > 1:  # a unimodal loss only says eta* lies beyond the worse neighbour, maybe off the grid
             nb = pts[done[1] if side == "low" else done[-2]].lr
             where = "lowest" if side == "low" else "highest"
             note = (
                 f"best at the {where} finished LR ({pts[best].lr:.3g}): eta* {'<' if side == 'low' else '>'} {nb:.3g}"
             )
-        return result("edge", best_lr=pts[best].lr, ln_eta=u[best], edge=side, note=note)
+        return result("edge", best_lr=pts[best].lr, ln_eta=u[best], edge=side, note=note, bound=nb)
     bracket = (done[k - 1], best, done[k + 1])
     us, ys = [u[i] for i in bracket], [pts[i].mean for i in bracket]
     grid_sigma = (us[2] - us[0]) / 2 / math.sqrt(12)  # the best point's cell reaches half-way to each neighbour

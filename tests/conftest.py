@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -82,3 +83,41 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:  # the marker only (keywords also hold file names)
             item.add_marker(skip)
+
+
+def probe_reference(w0, w1, x, lr, wd, r: float = 1.0) -> dict[str, float]:
+    """SPEC §5 in float64 from W_t, W_{t+1}, X alone; r: the group's update RMS per unit LR (eq 33; Muon's,
+    1 for AdamW)."""
+    dw, nx = w1 - w0, x.norm()
+    dwg = w1 - (1 - lr * wd) * w0
+    wx, dwx, dwgx = (x @ w0.T).norm(), (x @ dw.T).norm(), (x @ dwg.T).norm()
+    one_minus_a2 = 1 - (1 - lr * wd) ** 2
+    out = {
+        "rel_update": dw.norm() / w0.norm(),
+        "weight_align": wx / (w0.norm() * nx),
+        "update_align": dwx / (dw.norm() * nx),
+        "rrc": dwx / wx,
+        "weight_rms": w0.norm() / math.sqrt(w0.numel()),
+        "eq_weight_rms": r * lr / math.sqrt(one_minus_a2),
+        "eq_rel_update": math.sqrt(one_minus_a2),
+        "sigma_max": torch.linalg.svdvals(w0)[0],
+        "grad_rel_update": dwg.norm() / w0.norm(),
+        "grad_update_align": dwgx / (dwg.norm() * nx),
+        "grad_rrc": dwgx / wx,
+        "update_srank": dw.norm() ** 2 / torch.linalg.svdvals(dw)[0] ** 2,
+    }
+    out["align_ratio"] = out["update_align"] / out["weight_align"]
+    return {k: float(v) for k, v in out.items()}
+
+
+def small_tmpfs(tmp_path: Path, size: str):
+    """A tmpfs of `size` (e.g. "2560k") mounted at tmp_path/small for disk-full tests (a generator for a
+    fixture: yields the mount point, unmounts after); skips where mounting needs root we do not have."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, TRAIN, env, free_port, losses, run_train, train_cmd
+from conftest import ROOT, TRAIN, env, free_port, losses, run_train, small_tmpfs, train_cmd
 from lingua_wd import rundir
 from lingua_wd.checkpoint import MANIFEST, list_checkpoints
 from lingua_wd.metrics import WALL_CLOCK_KEYS
@@ -379,12 +379,7 @@ def test_restart_after_disk_full_makes_room(small_disk_3, tiny):
 
 @pytest.fixture
 def small_disk_3(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5000k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    yield from small_tmpfs(tmp_path, "5000k")
 
 
 # ----------------------------------------------------------------------------- 7. bad values

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import ROOT, env, losses, read_metrics, run_train, train_cmd
+from conftest import ROOT, env, losses, probe_reference, read_metrics, run_train, train_cmd
 from lingua_wd.args import ConfigError
 from lingua_wd.checkpoint import list_checkpoints
 from lingua_wd.model import ModelArgs, Transformer
@@ -191,30 +191,6 @@ def test_build_optimizer_splits_by_class_and_writes_the_plan(tmp_path):
     assert w2["update_rms"] == pytest.approx(1 / math.sqrt(192))  # per shape: fan_in 3d
 
 
-def reference(w0, w1, x, lr, wd, r) -> dict[str, float]:
-    """SPEC §5 in float64 from W_t, W_{t+1}, X alone; r: the group's update RMS per unit LR (eq 33)."""
-    dw, nx = w1 - w0, x.norm()
-    dwg = w1 - (1 - lr * wd) * w0
-    wx, dwx, dwgx = (x @ w0.T).norm(), (x @ dw.T).norm(), (x @ dwg.T).norm()
-    one_minus_a2 = 1 - (1 - lr * wd) ** 2
-    out = {
-        "rel_update": dw.norm() / w0.norm(),
-        "weight_align": wx / (w0.norm() * nx),
-        "update_align": dwx / (dw.norm() * nx),
-        "rrc": dwx / wx,
-        "weight_rms": w0.norm() / math.sqrt(w0.numel()),
-        "eq_weight_rms": r * lr / math.sqrt(one_minus_a2),
-        "eq_rel_update": math.sqrt(one_minus_a2),
-        "sigma_max": torch.linalg.svdvals(w0)[0],
-        "grad_rel_update": dwg.norm() / w0.norm(),
-        "grad_update_align": dwgx / (dwg.norm() * nx),
-        "grad_rrc": dwgx / wx,
-        "update_srank": dw.norm() ** 2 / torch.linalg.svdvals(dw)[0] ** 2,
-    }
-    out["align_ratio"] = out["update_align"] / out["weight_align"]
-    return {k: float(v) for k, v in out.items()}
-
-
 def _keeper(xs: dict, name: str):
     def hook(module, args, output) -> None:
         xs.setdefault(name, args[0].double().flatten(0, 1))
@@ -263,7 +239,7 @@ def test_probes_on_muon_groups_match_float64():
         for n in w0:
             g = groups[n]
             r = group_update_rms(g, w0[n].shape)
-            ref = reference(w0[n], w1[n], xs[n], g["lr"], g["weight_decay"], r)
+            ref = probe_reference(w0[n], w1[n], xs[n], g["lr"], g["weight_decay"], r)
             for metric in METRICS:
                 got = out[f"probe/{n}/{metric}"]
                 assert got == pytest.approx(ref[metric], rel=1e-4), (n, metric, got, ref[metric])

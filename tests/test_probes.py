@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import probe_reference
 from lingua_wd import probes as probes_mod
 from lingua_wd.args import ConfigError
 from lingua_wd.model import ModelArgs, Transformer
@@ -85,30 +86,6 @@ def capture(fraction, start=0, stride=1):
     return on_step
 
 
-def reference(w0, w1, x, lr, wd) -> dict[str, float]:
-    """SPEC §5 in float64 from W_t, W_{t+1}, X alone."""
-    dw, nx = w1 - w0, x.norm()
-    dwg = w1 - (1 - lr * wd) * w0
-    wx, dwx, dwgx = (x @ w0.T).norm(), (x @ dw.T).norm(), (x @ dwg.T).norm()
-    one_minus_a2 = 1 - (1 - lr * wd) ** 2
-    out = {
-        "rel_update": dw.norm() / w0.norm(),
-        "weight_align": wx / (w0.norm() * nx),
-        "update_align": dwx / (dw.norm() * nx),
-        "rrc": dwx / wx,
-        "weight_rms": w0.norm() / math.sqrt(w0.numel()),
-        "eq_weight_rms": lr / math.sqrt(one_minus_a2),
-        "eq_rel_update": math.sqrt(one_minus_a2),
-        "sigma_max": torch.linalg.svdvals(w0)[0],
-        "grad_rel_update": dwg.norm() / w0.norm(),
-        "grad_update_align": dwgx / (dwg.norm() * nx),
-        "grad_rrc": dwgx / wx,
-        "update_srank": dw.norm() ** 2 / torch.linalg.svdvals(dw)[0] ** 2,
-    }
-    out["align_ratio"] = out["update_align"] / out["weight_align"]
-    return {k: float(v) for k, v in out.items()}
-
-
 @pytest.mark.parametrize("positions", [0, 5])
 def test_metrics_match_float64_recomputation(positions):
     """Every logged metric of every linear, every step, equals the float64 recomputation (rel err < 1e-4),
@@ -123,7 +100,7 @@ def test_metrics_match_float64_recomputation(positions):
         if w1s is None:
             w1s = records[step + 1][1][0]  # W_{t+1} is the next step's W_t
         for name in linears(model):
-            ref = reference(w0[name], w1s[name], xs[name], lr, wd)
+            ref = probe_reference(w0[name], w1s[name], xs[name], lr, wd)
             for metric in ALL:
                 got = out[f"probe/{name}/{metric}"]
                 assert got == pytest.approx(ref[metric], rel=1e-4), (step, name, metric, got, ref[metric])

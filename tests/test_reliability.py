@@ -2,14 +2,13 @@
 changed configs on resume, unwritable dump dirs, random kills; and a fuzzed config parser."""
 
 import json
-import subprocess
 
 import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import losses, read_metrics, run_train
+from conftest import losses, read_metrics, run_train, small_tmpfs
 from lingua_wd.args import ConfigError, parse_args
 from lingua_wd.checkpoint import list_checkpoints
 from lingua_wd.train import TrainArgs, resolve_and_check
@@ -173,12 +172,7 @@ def test_config_fuzz_only_ends_in_clean_errors(items):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 2.5 MB tmpfs: room for one checkpoint of the tiny model (~1.7 MB), not for two."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2560k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    yield from small_tmpfs(tmp_path, "2560k")
 
 
 def test_disk_full_during_checkpoint_keeps_the_previous_one(small_disk, tiny):

@@ -111,6 +111,7 @@ def test_grid_edge_is_a_bound_and_withholds_the_verdict():
     assert ln.eta == pytest.approx(3.2e-2)
     rising = line_optimum(128, line(LRS, [3.0, 3.1, 3.2, 3.3, 3.4, 3.5]))
     assert rising.edge == "low" and "eta* < 0.002" in rising.note  # below the worse neighbour, not <= the edge
+    assert rising.bound == pytest.approx(2e-3) and ln.bound == pytest.approx(1.6e-2)
     p = analyse_panel({64: parabola_line(LRS, 4e-3), 128: falling})
     assert p.shift.verdict is None and p.shift.n_missing == 0 and "not bracketed" in p.shift.reason
 
