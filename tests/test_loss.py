@@ -118,33 +118,36 @@ FSDP_WORKER = textwrap.dedent("""
     from lingua_wd.loss import reference_cross_entropy
     from lingua_wd.model import ModelArgs, Transformer
 
-    env = init_distributed(DistributedArgs(device="cpu"))
-    args = ModelArgs(dim=64, n_layers=2, head_dim=32, vocab_size=101, max_seq_len=16)  # 101 rows: uneven shards
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.loss_chunk = 7  # the loss runs inside the root's forward, where FSDP2 has unsharded output.weight
-    parallelize(model, DistributedArgs(device="cpu"), env.device)
-    model.to_empty(device=env.device)
-    model.init_weights(seed=1)
-    ref = Transformer(args)
-    ref.init_weights(seed=1)
-    batch = torch.randint(101, (4, 17), generator=torch.Generator().manual_seed(0))
-    x, y = batch[:, :-1], batch[:, 1:]
-    mine = slice(2 * env.rank, 2 * env.rank + 2)  # data parallel: each rank its half; FSDP averages the grads
-    with torch.no_grad():  # first: after a no-grad forward the last block (no reshard) lists unsharded params
-        eval_loss = model(x[mine], y[mine])
-    loss = model(x[mine], y[mine])
-    loss.backward()
-    ref_loss = reference_cross_entropy(ref(x), y)
-    ref_loss.backward()
-    assert type(model.output.weight).__name__ == "DTensor"  # sharded again outside forward
-    out = {"loss": all_reduce_mean(loss.detach()).item(), "eval_loss": all_reduce_mean(eval_loss).item(),
-           "ref_loss": ref_loss.item(), "grads": {}}
-    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
-        full = p.grad.full_tensor()
-        out["grads"][n] = ((full - q.grad).abs().max() / q.grad.abs().max()).item()
-    if env.rank == 0:
-        open(sys.argv[1], "w").write(json.dumps(out))
+    def main():  # locals, not globals: FSDP2 state alive at interpreter exit can abort gloo (SIGABRT)
+        env = init_distributed(DistributedArgs(device="cpu"))
+        args = ModelArgs(dim=64, n_layers=2, head_dim=32, vocab_size=101, max_seq_len=16)  # 101 rows: uneven shards
+        with torch.device("meta"):
+            model = Transformer(args)
+        model.loss_chunk = 7  # the loss runs inside the root's forward, where FSDP2 has unsharded output.weight
+        parallelize(model, DistributedArgs(device="cpu"), env.device)
+        model.to_empty(device=env.device)
+        model.init_weights(seed=1)
+        ref = Transformer(args)
+        ref.init_weights(seed=1)
+        batch = torch.randint(101, (4, 17), generator=torch.Generator().manual_seed(0))
+        x, y = batch[:, :-1], batch[:, 1:]
+        mine = slice(2 * env.rank, 2 * env.rank + 2)  # data parallel: each rank its half; FSDP averages the grads
+        with torch.no_grad():  # first: after a no-grad forward the last block (no reshard) lists unsharded params
+            eval_loss = model(x[mine], y[mine])
+        loss = model(x[mine], y[mine])
+        loss.backward()
+        ref_loss = reference_cross_entropy(ref(x), y)
+        ref_loss.backward()
+        assert type(model.output.weight).__name__ == "DTensor"  # sharded again outside forward
+        out = {"loss": all_reduce_mean(loss.detach()).item(), "eval_loss": all_reduce_mean(eval_loss).item(),
+               "ref_loss": ref_loss.item(), "grads": {}}
+        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+            full = p.grad.full_tensor()
+            out["grads"][n] = ((full - q.grad).abs().max() / q.grad.abs().max()).item()
+        if env.rank == 0:
+            open(sys.argv[1], "w").write(json.dumps(out))
+
+    main()
     shutdown()
 """)
 

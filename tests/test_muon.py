@@ -329,88 +329,91 @@ WORKER = textwrap.dedent(
     from lingua_wd.muon import newton_schulz, orthogonalize_sharded
     from lingua_wd.optim import clip_grad_norm_
 
-    mode, out = sys.argv[1], Path(sys.argv[2])
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh("cpu", (world,))
-    guard = GuardArgs(inject_nan_steps=[2])
+    def main():  # locals, not globals: FSDP2 state alive at interpreter exit can abort gloo (SIGABRT)
+        mode, out = sys.argv[1], Path(sys.argv[2])
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mesh = init_device_mesh("cpu", (world,))
+        guard = GuardArgs(inject_nan_steps=[2])
 
-    def sharded():
-        model = tiny_model()
-        for block in model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        return model
+        def sharded():
+            model = tiny_model()
+            for block in model.layers:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            return model
 
-    def setup(model):
-        opt = muon_adamw(model)
-        return opt, LambdaLR(opt, [lambda s: min(1.0, (s + 1) / 3)] * len(opt.param_groups))
+        def setup(model):
+            opt = muon_adamw(model)
+            return opt, LambdaLR(opt, [lambda s: min(1.0, (s + 1) / 3)] * len(opt.param_groups))
 
-    def train(model, opt, sched, steps, rank, world):
-        losses, skipped = [], []
-        for step in steps:
-            x, y = (t.chunk(world)[rank] for t in _batch(step))
-            loss = inject_nan(model(x, y), guard, step)
-            loss.backward()
-            skipped.append(float(optimizer_step(opt, clip_grad_norm_(model, 1.0))))
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            losses.append(float(all_reduce_mean(loss.detach()) if world > 1 else loss))  # the global batch's mean
-        return losses, skipped
+        def train(model, opt, sched, steps, rank, world):
+            losses, skipped = [], []
+            for step in steps:
+                x, y = (t.chunk(world)[rank] for t in _batch(step))
+                loss = inject_nan(model(x, y), guard, step)
+                loss.backward()
+                skipped.append(float(optimizer_step(opt, clip_grad_norm_(model, 1.0))))
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+                losses.append(float(all_reduce_mean(loss.detach()) if world > 1 else loss))  # the global batch's mean
+            return losses, skipped
 
-    def full(t):
-        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+        def full(t):
+            return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
-    def params(model):
-        return {n: full(p) for n, p in model.named_parameters()}
+        def params(model):
+            return {n: full(p) for n, p in model.named_parameters()}
 
-    def buffers(model, opt):
-        return {n: full(opt.state[p]["momentum_buffer"]) for n, p in model.named_parameters()
-                if "momentum_buffer" in opt.state[p]}
+        def buffers(model, opt):
+            return {n: full(opt.state[p]["momentum_buffer"]) for n, p in model.named_parameters()
+                    if "momentum_buffer" in opt.state[p]}
 
-    result = {}
-    if mode == "equality":
-        # the exchange alone: uneven and empty row shards, bitwise what one process computes
-        gen = torch.Generator().manual_seed(7)
-        shapes = [(5, 7), (3, 9), (1, 4), (12, 6), (6, 12)]
-        mats = [torch.randn(s, generator=gen) for s in shapes]
-        mine = [m.chunk(world)[rank] if rank < len(m.chunk(world)) else m[:0] for m in mats]
-        kw = dict(steps=5, coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, dtype=torch.float32)
-        got = orthogonalize_sharded(mine, shapes, dist.group.WORLD, rank, world, kw)
-        exact = []
-        for g, m in zip(got, mats):
-            start = sum(c.shape[0] for c in m.chunk(world)[:rank])
-            exact.append(torch.equal(g, newton_schulz(m, **kw)[start : start + g.shape[0]]) and g.shape == mine[len(exact)].shape)
-        result["exchange_exact"] = all(exact)
-        model = sharded()
-        opt, sched = setup(model)
-        result["sharded"] = (*train(model, opt, sched, range(6), rank, world), params(model), buffers(model, opt))
+        result = {}
+        if mode == "equality":
+            # the exchange alone: uneven and empty row shards, bitwise what one process computes
+            gen = torch.Generator().manual_seed(7)
+            shapes = [(5, 7), (3, 9), (1, 4), (12, 6), (6, 12)]
+            mats = [torch.randn(s, generator=gen) for s in shapes]
+            mine = [m.chunk(world)[rank] if rank < len(m.chunk(world)) else m[:0] for m in mats]
+            kw = dict(steps=5, coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, dtype=torch.float32)
+            got = orthogonalize_sharded(mine, shapes, dist.group.WORLD, rank, world, kw)
+            exact = []
+            for g, m in zip(got, mats):
+                start = sum(c.shape[0] for c in m.chunk(world)[:rank])
+                exact.append(torch.equal(g, newton_schulz(m, **kw)[start : start + g.shape[0]]) and g.shape == mine[len(exact)].shape)
+            result["exchange_exact"] = all(exact)
+            model = sharded()
+            opt, sched = setup(model)
+            result["sharded"] = (*train(model, opt, sched, range(6), rank, world), params(model), buffers(model, opt))
+            if rank == 0:
+                result["init"] = params(tiny_model())
+                plain = tiny_model()
+                opt, sched = setup(plain)
+                result["single"] = (*train(plain, opt, sched, range(6), 0, 1), params(plain), buffers(plain, opt))
+        else:  # resume: save at step 3 with the project's checkpoint.save, continue; reload into fresh objects, continue
+            root = out.parent / "ckpt"
+            model = sharded()
+            opt, sched = setup(model)
+            train(model, opt, sched, range(3), rank, world)
+            osd = get_state_dict(model, opt)[1]["state"]
+            result["state_keys"] = {k: sorted(v) for k, v in osd.items()}
+            saved_buffers = buffers(model, opt)
+            path = ckpt.save(root, 3, model, opt, {"scheduler": sched.state_dict()}, keep=1)
+            result["a"] = (*train(model, opt, sched, range(3, 6), rank, world), params(model))
+            model = sharded()
+            opt, sched = setup(model)
+            states = ckpt.load(path, model, opt)
+            sched.load_state_dict(states[rank]["scheduler"])
+            loaded = buffers(model, opt)
+            result["buffers_restored"] = loaded.keys() == saved_buffers.keys() and all(
+                torch.equal(loaded[n], b) for n, b in saved_buffers.items())
+            result["buffers_nonzero"] = all(b.abs().max() > 0 for b in saved_buffers.values())
+            result["b"] = (*train(model, opt, sched, range(3, 6), rank, world), params(model))
         if rank == 0:
-            result["init"] = params(tiny_model())
-            plain = tiny_model()
-            opt, sched = setup(plain)
-            result["single"] = (*train(plain, opt, sched, range(6), 0, 1), params(plain), buffers(plain, opt))
-    else:  # resume: save at step 3 with the project's checkpoint.save, continue; reload into fresh objects, continue
-        root = out.parent / "ckpt"
-        model = sharded()
-        opt, sched = setup(model)
-        train(model, opt, sched, range(3), rank, world)
-        osd = get_state_dict(model, opt)[1]["state"]
-        result["state_keys"] = {k: sorted(v) for k, v in osd.items()}
-        saved_buffers = buffers(model, opt)
-        path = ckpt.save(root, 3, model, opt, {"scheduler": sched.state_dict()}, keep=1)
-        result["a"] = (*train(model, opt, sched, range(3, 6), rank, world), params(model))
-        model = sharded()
-        opt, sched = setup(model)
-        states = ckpt.load(path, model, opt)
-        sched.load_state_dict(states[rank]["scheduler"])
-        loaded = buffers(model, opt)
-        result["buffers_restored"] = loaded.keys() == saved_buffers.keys() and all(
-            torch.equal(loaded[n], b) for n, b in saved_buffers.items())
-        result["buffers_nonzero"] = all(b.abs().max() > 0 for b in saved_buffers.values())
-        result["b"] = (*train(model, opt, sched, range(3, 6), rank, world), params(model))
-    if rank == 0:
-        torch.save(result, out)
+            torch.save(result, out)
+
+    main()
     shutdown()
     """
 )

@@ -185,47 +185,50 @@ WORKER = textwrap.dedent(
     from lingua_wd.scaling import ScalingArgs, init_std_fn
     from lingua_wd.schedule import ScheduleArgs
 
-    variant, out, device = sys.argv[1], sys.argv[2], sys.argv[3]
-    margs = ModelArgs(dim=128, n_layers=2, head_dim=32, vocab_size=64, max_seq_len=16)
-    scaling = ScalingArgs(width="mup", wd="independent", base_dim=32, frozen_lr={"input": 1e-2, "gain": 1e-2},
-                          extra_warmup="decay_away")
-    optim = OptimArgs(lr=2e-2, weight_decay=0.05 if variant == "torch" else 1e-3, variant=variant, clip=0.5)
+    def main():  # locals, not globals: FSDP2 state alive at interpreter exit can abort gloo (SIGABRT)
+        variant, out, device = sys.argv[1], sys.argv[2], sys.argv[3]
+        margs = ModelArgs(dim=128, n_layers=2, head_dim=32, vocab_size=64, max_seq_len=16)
+        scaling = ScalingArgs(width="mup", wd="independent", base_dim=32, frozen_lr={"input": 1e-2, "gain": 1e-2},
+                              extra_warmup="decay_away")
+        optim = OptimArgs(lr=2e-2, weight_decay=0.05 if variant == "torch" else 1e-3, variant=variant, clip=0.5)
 
-    def make():
-        model = Transformer(margs)
-        model.init_weights(init_std_fn(scaling, margs.dim), seed=3)
-        return model.to(device)
+        def make():
+            model = Transformer(margs)
+            model.init_weights(init_std_fn(scaling, margs.dim), seed=3)
+            return model.to(device)
 
-    def train(model, rank, world):
-        opt, sched = build_optimizer(model, optim, scaling, ScheduleArgs(warmup=0.3), 10, 8 * 16)
-        norms = []
-        for step in range(6):
-            tokens = torch.randint(0, 64, (8, 17), generator=torch.Generator().manual_seed(step))
-            mine = tokens.chunk(world)[rank].to(device)
-            logits = model(mine[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), mine[:, 1:].flatten())
-            loss.backward()
-            norms.append(float(clip_grad_norm_(model, optim.clip)))
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-        params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
-                  for n, p in model.named_parameters()}
-        return params, norms
+        def train(model, rank, world):
+            opt, sched = build_optimizer(model, optim, scaling, ScheduleArgs(warmup=0.3), 10, 8 * 16)
+            norms = []
+            for step in range(6):
+                tokens = torch.randint(0, 64, (8, 17), generator=torch.Generator().manual_seed(step))
+                mine = tokens.chunk(world)[rank].to(device)
+                logits = model(mine[:, :-1])
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), mine[:, 1:].flatten())
+                loss.backward()
+                norms.append(float(clip_grad_norm_(model, optim.clip)))
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+            params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+                      for n, p in model.named_parameters()}
+            return params, norms
 
-    if device == "cuda":
-        torch.cuda.set_device(0)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh(device, (world,))  # explicit: a CPU run on a CUDA machine must stay on CPU
-    model = make()
-    for block in model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    sharded = train(model, rank, world)
-    if rank == 0:
-        init = {n: p.detach().cpu() for n, p in make().named_parameters()}
-        torch.save({"init": init, "sharded": sharded, "single": train(make(), 0, 1)}, out)
+        if device == "cuda":
+            torch.cuda.set_device(0)
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mesh = init_device_mesh(device, (world,))  # explicit: a CPU run on a CUDA machine must stay on CPU
+        model = make()
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        sharded = train(model, rank, world)
+        if rank == 0:
+            init = {n: p.detach().cpu() for n, p in make().named_parameters()}
+            torch.save({"init": init, "sharded": sharded, "single": train(make(), 0, 1)}, out)
+
+    main()
     shutdown()  # barrier first: rank 1 must not tear gloo down while rank 0 still trains alone
     """
 )
