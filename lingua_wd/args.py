@@ -10,7 +10,9 @@ new row of a table (a weight-decay rule, a schedule, a probe metric) is document
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import inspect
 import logging
 import math
@@ -157,7 +159,7 @@ def load_config(
         files, dotlist = split_argv(argv)
         layers = [("config", b if isinstance(b, DictConfig) else OmegaConf.create(b)) for b in base if b is not None]
         layers += [(f, _read_file(f)) for f in files] + [(i.split("=", 1)[0], _read_item(i)) for i in dotlist]
-        cfg = OmegaConf.structured(cls)
+        cfg = _schema(cls)  # never changed: each merge returns a new config
         for name, layer in layers:
             if drop_unknown:  # a config saved by another version: renamed keys are read under their new names
                 upgrade_keys(cls, layer)
@@ -166,19 +168,30 @@ def load_config(
                 cfg = OmegaConf.merge(cfg, layer)
             except (TypeError, ValueError) as err:  # e.g. a mapping given where a list is declared
                 raise ConfigError(f"{prefix}{name}: {str(err).splitlines()[0]}") from None
-        return cfg
+        return copy.deepcopy(cfg) if cfg is _schema(cls) else cfg
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err, prefix)) from None
+
+
+@functools.cache
+def _schema(cls: type) -> DictConfig:
+    """`OmegaConf.structured(cls)`, built once per class: it is most of a config's load time (a sweep's
+    dry run validates every run's config)."""
+    return OmegaConf.structured(cls)
 
 
 def parse_args(cls: type[T], argv: Sequence[str] = (), **options: Any) -> T:
     """A `cls` instance from defaults, base layers, `config=FILE.yaml` and dotted overrides (the options
     are load_config's)."""
-    cfg = load_config(cls, argv, **options)
+    return to_args(load_config(cls, argv, **options), options.get("section", ""))
+
+
+def to_args(cfg: DictConfig, section: str = "") -> Any:
+    """The dataclass instance of a loaded config (load_config's), errors as one line under `section`."""
     try:
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+        return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
-        raise ConfigError(_one_line(err, f"{options['section']}." if options.get("section") else "")) from None
+        raise ConfigError(_one_line(err, f"{section}." if section else "")) from None
 
 
 def read_sections(cfg: Any, classes: dict[str, type]) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from lingua_wd import status
-from lingua_wd.args import ConfigError, check, help_text, load_config, parse_args
+from lingua_wd.args import ConfigError, check, help_text, load_config, parse_args, to_args
 from lingua_wd.rundir import EXIT_OK, EXIT_REQUEUE, RunDir, exit_cause, format_duration, holder_alive
 from lingua_wd.status import state_kind
 
@@ -315,7 +315,8 @@ def resolve_with_trainer(cfg: DictConfig, run_name_: str) -> DictConfig:
     from lingua_wd.optim import check_plan_args  # noqa: PLC0415 (torch, like the trainer)
 
     try:
-        merged, a = load_config(cls, base=[cfg]), parse_args(cls, base=[cfg])
+        merged = load_config(cls, base=[cfg])
+        a = to_args(merged)
         tokens_per_step = a.data.seq_len * a.data.batch_size
         check_plan_args(a.model, a.optim, a.schedule, a.scaling, a.steps, tokens_per_step, a.data.batch_size)
         return merged
