@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -56,11 +59,53 @@ def train_cmd(argv: list[str], nproc: int = 1) -> list[str]:
     ]
 
 
+class Started:
+    """A trainer running in the background, its output in files (a full pipe would stall it). The suite
+    runs one test at a time and a trainer uses one core: a test starts its reference run first, does its
+    own work on the other core, then `wait()`s for the reference."""
+
+    running: list[Started] = []  # stopped after each test (autouse fixture below), should a test fail early
+
+    def __init__(self, argv: list[str], nproc: int = 1, timeout: float = 300):
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(train_cmd(argv, nproc), cwd=ROOT, env=env(), stdout=self.out, stderr=self.err,
+                                     text=True, start_new_session=True)  # fmt: skip
+        self.deadline = time.monotonic() + timeout
+        Started.running.append(self)
+
+    def wait(self, check: bool = True) -> subprocess.CompletedProcess:
+        try:
+            code = self.proc.wait(max(0.0, self.deadline - time.monotonic()))
+        finally:
+            self.stop()
+        self.out.seek(0), self.err.seek(0)
+        done = subprocess.CompletedProcess(self.proc.args, code, self.out.read(), self.err.read())
+        if check and code != 0:
+            raise AssertionError(f"train exited {code}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+        return done
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # torchrun and its ranks too
+            self.proc.wait()
+        if self in Started.running:
+            Started.running.remove(self)
+
+
+def start_train(argv: list[str], nproc: int = 1, timeout: float = 300) -> Started:
+    return Started(argv, nproc, timeout)
+
+
 def run_train(argv: list[str], nproc: int = 1, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_cmd(argv, nproc), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    return start_train(argv, nproc, timeout).wait(check)
+
+
+@pytest.fixture(autouse=True)
+def _no_trainer_left_running():
+    before = list(Started.running)  # a module fixture's runs are its own to wait for
+    yield
+    for started in [s for s in Started.running if s not in before]:
+        started.stop()
 
 
 def read_metrics(dump_dir: Path) -> list[dict]:

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, TRAIN, env, free_port, losses, run_train, small_tmpfs, train_cmd
+from conftest import ROOT, TRAIN, env, free_port, losses, run_train, small_tmpfs, start_train, train_cmd
 from lingua_wd import rundir
 from lingua_wd.checkpoint import MANIFEST, list_checkpoints
 from lingua_wd.metrics import WALL_CLOCK_KEYS
@@ -165,7 +165,7 @@ def test_random_kills_leave_metrics_identical(tmp_path, tiny):
     probes = ["probes.every=5", "probes.layers=[layers.0.attention.wq]"]
     common = [*tiny, *FAST, *probes, "steps=30", "checkpoint.every=4", "guard.inject_nan_steps=[9]"]
     ref = tmp_path / "ref"
-    run_train([f"dump_dir={ref}", *common])
+    ref_run = start_train([f"dump_dir={ref}", *common])  # on the other core meanwhile
     dump, rng, killed = tmp_path / "kills", random.Random(1), 0
     for _ in range(3):
         before = logged_step(dump)
@@ -179,6 +179,7 @@ def test_random_kills_leave_metrics_identical(tmp_path, tiny):
         proc.wait()
     assert killed >= 2 and not (dump / "DONE").exists()
     run_train([f"dump_dir={dump}", *common])
+    ref_run.wait()
     assert lines(dump) == lines(ref) and done(dump) == done(ref)
     assert any('"nonfinite_steps": 1' in x for x in lines(dump))
     assert sum('"probe/layers.0.attention.wq/rrc"' in x for x in lines(dump)) == 6  # steps 1, 6, ..., 26
@@ -188,11 +189,12 @@ def test_random_kills_leave_metrics_identical(tmp_path, tiny):
 def test_restart_without_checkpoint_starts_metrics_afresh(tmp_path, tiny):
     common = [*tiny, *FAST, "steps=8", "checkpoint.every=4"]
     ref = tmp_path / "ref"
-    run_train([f"dump_dir={ref}", *common])
+    ref_run = start_train([f"dump_dir={ref}", *common])
     dump = tmp_path / "run"
     crash = run_train([f"dump_dir={dump}", *common, "guard.crash_in_checkpoint=4"], check=False)
     assert crash.returncode == 137 and lines(dump)  # step 3 was logged, no checkpoint is complete
     run_train([f"dump_dir={dump}", *common])
+    ref_run.wait()
     assert lines(dump) == lines(ref)
 
 
@@ -203,7 +205,8 @@ def test_restart_without_checkpoint_starts_metrics_afresh(tmp_path, tiny):
 def test_sigint_saves_exits_75_and_resumes_exactly(tmp_path, tiny):
     """Ctrl-C as SIGTERM: the eval line of the stop step is written (every step is an eval step here)."""
     common = [*tiny, "log_freq=1", "eval_freq=1", "eval_batches=1", "data.seq_len=16", "steps=60", "checkpoint.every=0"]
-    dump = tmp_path / "int"
+    dump, ref = tmp_path / "int", tmp_path / "ref"
+    ref_run = start_train([f"dump_dir={ref}", *common])
     proc = launch([f"dump_dir={dump}", *common])
     wait_for(lambda: logged_step(dump) >= 3, proc)
     os.killpg(proc.pid, signal.SIGINT)
@@ -213,9 +216,8 @@ def test_sigint_saves_exits_75_and_resumes_exactly(tmp_path, tiny):
     stopped = int(list_checkpoints(dump / "checkpoints")[-1].name)
     assert 3 <= stopped < 60 and RunDir(dump).read_exit()["code"] == 75
     assert {r["step"] for r in RunDir(dump).read_metrics() if "val/loss" in r} >= {stopped}
-    ref = tmp_path / "ref"
-    run_train([f"dump_dir={ref}", *common])
     run_train([f"dump_dir={dump}", *common])
+    ref_run.wait()
     assert lines(dump) == lines(ref)
 
 
@@ -536,8 +538,9 @@ def test_validation_set_is_the_same_on_any_rank_count():
 def test_val_loss_and_train_loss_last_same_on_1_and_2_ranks(tmp_path, tiny):
     common = [*tiny, "steps=4", "log_freq=1", "eval_batches=4", "checkpoint.every=0"]
     one, two = tmp_path / "one", tmp_path / "two"
-    run_train([f"dump_dir={one}", *common])
+    one_run = start_train([f"dump_dir={one}", *common])
     run_train([f"dump_dir={two}", *common], nproc=2)
+    one_run.wait()
     a, b = done(one), done(two)
     assert math.isclose(a["val_loss"], b["val_loss"], rel_tol=1e-4), (a, b)
     assert math.isclose(a["train_loss_last"], b["train_loss_last"], rel_tol=1e-4), (a, b)

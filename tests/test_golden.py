@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, read_metrics, run_train
+from conftest import ROOT, Started, read_metrics, start_train
 
 GOLDEN = ROOT / "tests" / "golden" / "debug_runs.json"
 COMMON = ["config=configs/debug.yaml", "log_freq=1", "checkpoint.every=0", "eval_freq=0", "eval_batches=0"]
@@ -47,8 +47,11 @@ def environment() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__}
 
 
-def record(name: str, dump: Path) -> dict:
-    run_train([*COMMON, *RUNS[name], f"dump_dir={dump}"], timeout=600)
+def start(name: str, dump: Path) -> Started:
+    return start_train([*COMMON, *RUNS[name], f"dump_dir={dump}"], timeout=600)
+
+
+def result(dump: Path) -> dict:
     losses = [r["loss"] for r in read_metrics(dump) if "loss" in r]
     return {"losses": losses, "param_groups": json.loads((dump / "param_groups.json").read_text())}
 
@@ -69,13 +72,26 @@ def assert_same(got, want, where: str) -> None:
         assert got == want, f"{where}: {got!r} != {want!r}"
 
 
-@pytest.mark.slow  # a trainer process or several: see README, Tests
-@pytest.mark.parametrize("name", list(RUNS))
-def test_debug_config_matches_its_golden_values(tmp_path, name):
+@pytest.fixture(scope="module")
+def golden_runs(tmp_path_factory) -> tuple[dict, dict[str, tuple[Started, Path]]]:
+    """The four runs, started together (one core each, two at a time on two cores)."""
     golden = json.loads(GOLDEN.read_text())
     if golden["environment"] != environment():
         pytest.skip(f"golden values recorded with {golden['environment']}, this is {environment()}")
-    got, want = record(name, tmp_path / name), golden["runs"][name]
+    root = tmp_path_factory.mktemp("golden")
+    runs = {name: (start(name, root / name), root / name) for name in RUNS}
+    yield golden, runs
+    for started, _ in runs.values():
+        started.stop()
+
+
+@pytest.mark.slow  # a trainer process or several: see README, Tests
+@pytest.mark.parametrize("name", list(RUNS))
+def test_debug_config_matches_its_golden_values(golden_runs, name):
+    golden, runs = golden_runs
+    started, dump = runs[name]
+    started.wait()
+    got, want = result(dump), golden["runs"][name]
     assert len(got["losses"]) == len(want["losses"]) == 40
     assert got["losses"] == pytest.approx(want["losses"], rel=1e-6, abs=0)
     assert_same(got["param_groups"], want["param_groups"], f"{name}/param_groups.json")
@@ -96,6 +112,8 @@ if __name__ == "__main__":
     if "--write" not in sys.argv:
         sys.exit("usage: python tests/test_golden.py --write   (records tests/golden/debug_runs.json)")
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {name: record(name, Path(tmp) / name) for name in RUNS}
+        for name in RUNS:
+            start(name, Path(tmp) / name).wait()
+        runs = {name: result(Path(tmp) / name) for name in RUNS}
     GOLDEN.write_text(json.dumps({"environment": environment(), "runs": runs}, indent=1) + "\n")
     print(f"wrote {GOLDEN}")

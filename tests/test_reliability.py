@@ -8,7 +8,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import losses, read_metrics, run_train, small_tmpfs
+from conftest import losses, read_metrics, run_train, small_tmpfs, start_train
 from lingua_wd.args import ConfigError, parse_args
 from lingua_wd.checkpoint import list_checkpoints
 from lingua_wd.train import TrainArgs, resolve_and_check
@@ -20,7 +20,7 @@ FAST = ["log_freq=1", "eval_freq=0"]
 def test_crash_while_writing_checkpoint_keeps_last_good(tmp_path, tiny):
     common = [*tiny, *FAST, "steps=12", "checkpoint.every=3"]
     ref = tmp_path / "ref"
-    run_train([f"dump_dir={ref}", *common])
+    ref_run = start_train([f"dump_dir={ref}", *common])
     dump = tmp_path / "crash"
     proc = run_train([f"dump_dir={dump}", *common, "guard.crash_in_checkpoint=6"], check=False)
     assert proc.returncode == 137
@@ -28,17 +28,14 @@ def test_crash_while_writing_checkpoint_keeps_last_good(tmp_path, tiny):
     assert [p.name for p in list_checkpoints(root)] == [f"{3:010d}"]  # the half-written one is not complete
     assert (root / f".tmp-{6:010d}").exists()
     run_train([f"dump_dir={dump}", *common])
+    ref_run.wait()
     assert losses(dump) == losses(ref)
 
 
 @pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, tiny):
     dump = tmp_path / "nan"
-    run_train([f"dump_dir={dump}", *tiny, *FAST, "steps=10", "guard.inject_nan_steps=[4,5]"])
-    recs = {r["step"]: r for r in read_metrics(dump) if "loss" in r}
-    assert recs[10]["nonfinite_steps"] == 2
-    assert recs[5]["loss"] == "nan" and isinstance(recs[7]["loss"], float)  # steps 5, 6 (1-based) were NaN
-    assert recs[10]["loss"] < recs[1]["loss"]  # the skipped updates did not poison the weights
+    nan_run = start_train([f"dump_dir={dump}", *tiny, *FAST, "steps=10", "guard.inject_nan_steps=[4,5]"])
     stop = tmp_path / "stop"
     proc = run_train(
         [
@@ -52,6 +49,11 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, tiny):
         ],
         check=False,
     )
+    nan_run.wait()
+    recs = {r["step"]: r for r in read_metrics(dump) if "loss" in r}
+    assert recs[10]["nonfinite_steps"] == 2
+    assert recs[5]["loss"] == "nan" and isinstance(recs[7]["loss"], float)  # steps 5, 6 (1-based) were NaN
+    assert recs[10]["loss"] < recs[1]["loss"]  # the skipped updates did not poison the weights
     assert proc.returncode == 3
     assert "guard.max_nonfinite=3" in proc.stderr
     # steps 6-8 (1-based) are the streak: the checkpoint of step 6 is deferred, never written
@@ -72,7 +74,7 @@ def test_loss_spike_is_logged_as_event():
 def test_truncated_latest_checkpoint_resumes_from_previous(tmp_path, tiny):
     common = [*tiny, *FAST, "steps=8", "checkpoint.every=2", "checkpoint.keep=3"]
     ref = tmp_path / "ref"
-    run_train([f"dump_dir={ref}", *common])
+    ref_run = start_train([f"dump_dir={ref}", *common])
     dump = tmp_path / "trunc"
     run_train([f"dump_dir={dump}", *common])
     (dump / "DONE").unlink()
@@ -81,6 +83,7 @@ def test_truncated_latest_checkpoint_resumes_from_previous(tmp_path, tiny):
     proc = run_train([f"dump_dir={dump}", *common])
     warned = [x for x in proc.stderr.splitlines() if "is not usable" in x]
     assert len(warned) == 1 and f"{shard.name}: size mismatch" in warned[0] and "at step 6" in proc.stderr
+    ref_run.wait()
     assert losses(dump) == losses(ref)
 
 
@@ -202,10 +205,11 @@ def test_probes_resume_exactly(tmp_path, tiny):
         "probes.layers=[layers.1.feed_forward.w1]",
     ]
     ref = tmp_path / "ref"
-    run_train([f"dump_dir={ref}", *common])
+    ref_run = start_train([f"dump_dir={ref}", *common])
     dump = tmp_path / "crash"
     assert run_train([f"dump_dir={dump}", *common, "guard.crash_in_checkpoint=8"], check=False).returncode == 137
     run_train([f"dump_dir={dump}", *common])
+    ref_run.wait()
 
     def probes(d):
         return {(r["step"], k): v for r in read_metrics(d) for k, v in r.items() if k.startswith("probe/")}

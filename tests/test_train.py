@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, env, losses, read_metrics, run_train, train_cmd
+from conftest import ROOT, env, losses, read_metrics, run_train, start_train, train_cmd
 from lingua_wd.checkpoint import MANIFEST, list_checkpoints
 
 
@@ -76,7 +76,7 @@ def _wait_for_step(dump: Path, proc, step: int, timeout=180):
 def test_kill9_and_resume_is_bitwise_identical(tmp_path, tiny):
     common = [*tiny, "steps=24", "log_freq=1", "checkpoint.every=3", "checkpoint.keep=2", "eval_freq=0"]
     ref = tmp_path / "ref"
-    run_train([f"dump_dir={ref}", *common])
+    ref_run = start_train([f"dump_dir={ref}", *common])
     dump = tmp_path / "killed"
     proc = _launch([f"dump_dir={dump}", *common])
     _wait_for_checkpoint(dump / "checkpoints", proc, 6)
@@ -85,6 +85,7 @@ def test_kill9_and_resume_is_bitwise_identical(tmp_path, tiny):
     killed_at = max(losses(dump))
     assert killed_at < 24
     run_train([f"dump_dir={dump}", *common])
+    ref_run.wait()
     assert losses(dump) == losses(ref)  # bitwise: floats compared exactly
     assert [r["step"] for r in read_metrics(dump) if "loss" in r] == list(range(1, 25))  # no duplicated lines
 
