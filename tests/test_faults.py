@@ -490,19 +490,15 @@ def test_fuzzed_bad_overrides_only_end_in_exit_2_with_one_line(tmp_path_factory,
         ("model.rope_theta=nan", "model.rope_theta"),
     ],
 )
-@pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_bad_values_on_the_command_line(tmp_path, bad, key):
-    dump = tmp_path / "never"
-    proc = subprocess.run(
-        [sys.executable, TRAIN, f"dump_dir={dump}", bad],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert proc.stderr.startswith(f"config error: {key}: ") and not dump.exists()
+    """In process, the CLI's own main(); the real process's exit code and stderr: the test below."""
+    from lingua_wd.train import main
+
+    dump, err = tmp_path / "never", io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main([f"dump_dir={dump}", bad])
+    assert code == 2 and len(err.getvalue().strip().splitlines()) == 1, err.getvalue()
+    assert err.getvalue().startswith(f"config error: {key}: ") and not dump.exists()
 
 
 def test_memory_estimate_refuses_with_the_estimate(tmp_path):

@@ -21,25 +21,26 @@ def test_cpu_smoke_runs_parts_and_writes_summary(tmp_path):
         "--out",
         str(tmp_path),
         "--parts",
-        "tests,probes,checkpoint,optim,data",
-    ]  # fmt: skip  (perf/profile: bench.py's own smoke tests in test_loss.py)
+        "tests,checkpoint,data",
+    ]  # fmt: skip  (the other scripts' own smoke tests: bench.py in test_loss.py, bench_probes.py in
+    # test_probes.py, bench_optim.py in test_muon.py)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (tmp_path / "summary.md").read_text()
-    for name in ("tests", "probes", "checkpoint", "optim", "data"):
+    for name in ("tests", "checkpoint", "data"):
         assert f"| {name} |" in summary and f"## {name}:" in summary
-    assert "| perf | " in summary and "skipped: not in --parts" in summary
+    for name in ("perf", "probes", "optim"):
+        assert f"| {name} | " in summary and "skipped: not in --parts" in summary
     assert "gpu-marked" in summary and "deselected" in summary  # pytest's count line made it in
-    assert "| overhead |" in summary
-    assert "tokens/s" in summary and "no verdicts" in summary
-    assert "| d | checkpoint GB | save s |" in summary and "Muon step ms" in summary
+    assert "tokens/s" in summary and "no verdicts" in summary  # a table from a file the part wrote
+    assert "| d | checkpoint GB | save s |" in summary  # a table from the part's stdout
     assert (tmp_path / "logs.txt").read_text().startswith("===== tests")
 
 
 def test_part_past_its_budget_is_stopped_and_keeps_its_rows(tmp_path):
     slow = "import time; print('| d | x |'); print('| --- | --- |'); print('| 1 | 2 |', flush=True); time.sleep(120)"
     part = gpu_check.Part("slow", 1, ["-c", slow], ["-c", slow], "a part that hangs")
-    gpu_check.run_part(part, tmp_path, budget_s=3, smoke=True, env=None)
+    gpu_check.run_part(part, tmp_path, budget_s=1, smoke=True, env=None)
     assert part.status.startswith("stopped at its budget") and part.seconds < 30
     assert gpu_check.markdown_tables(part.output) == [["| d | x |", "| --- | --- |", "| 1 | 2 |"]]
 
