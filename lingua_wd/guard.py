@@ -37,11 +37,13 @@ class GuardArgs:
     force_resume: bool = False  # resume even if exactness-relevant config keys changed since the checkpoint
     inject_nan_steps: list[int] = field(default_factory=list)  # testing: make the loss NaN at these steps
     crash_in_checkpoint: int = -1  # testing: die (exit 137) halfway through writing the checkpoint of this step
+    step_sleep_s: float = 0.0  # testing: sleep this long after every step (a long run that leaves the CPU free)
 
 
 def check_guard_args(args: GuardArgs) -> None:
     check(args.max_nonfinite >= 0, "guard.max_nonfinite", f"must be >= 0, got {args.max_nonfinite}")
     check(args.spike_factor > 1, "guard.spike_factor", f"must be > 1, got {args.spike_factor}")
+    check(args.step_sleep_s >= 0, "guard.step_sleep_s", f"must be >= 0, got {args.step_sleep_s}")
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> torch.Tensor:

@@ -541,6 +541,8 @@ class Trainer:
                 self.model, batch, self.optimizer, self.scheduler, args, self.n_micro, self.step, self.probes
             )
             self.step += 1
+            if args.guard.step_sleep_s:  # testing: a slow run (a signal or time limit has time to arrive)
+                time.sleep(args.guard.step_sleep_s)
             self.pending.append(torch.stack([loss.float(), bad.float()]))
             meter.add(self.tokens_per_step // env.world)
             last = self.step == args.steps

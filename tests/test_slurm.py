@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow  # every scenario here drives a real cluster for a
 
 TIMEOUT = 360  # s for any one scenario to reach its end on a loaded 2-core machine
 TINY = {
-    "steps": 400, "log_freq": 1, "eval_freq": 0, "eval_batches": 1, "data.seq_len": 32, "data.batch_size": 8,
+    "steps": 200, "log_freq": 1, "eval_freq": 0, "eval_batches": 1, "data.seq_len": 32, "data.batch_size": 8,
     "data.micro_batch_size": 4, "model.dim": 64, "model.head_dim": 32, "checkpoint.every": 50,
     "logging.wandb_mode": "disabled", "optim.lr": 3.0e-3,
 }  # fmt: skip
@@ -151,6 +151,9 @@ class Sweep:
     def task(self, name: str) -> str:
         return sw.latest_tasks(self.dir)[name]
 
+    def run_node(self, name: str) -> str:
+        return self.cluster.job(self.task(name))["NodeList"]
+
     def step(self, name: str) -> int:
         return last_loss(self.run(name).read_metrics())[0]
 
@@ -205,6 +208,7 @@ class Scenarios:
     four: Sweep  # 4 short runs, max_parallel 2
     bad: Sweep  # a config error
     two: Sweep  # one run on both nodes
+    pre: Sweep  # one run on a node of its own, preempted by a job of the `urgent` partition
     refs: dict[str, tuple[subprocess.Popen, Path]]
     second_four: str = ""  # what a second `lingua-wd sweep` said while the first one's jobs ran
 
@@ -227,19 +231,23 @@ def start_reference(cmd: list[str], dump: Path) -> tuple[subprocess.Popen, Path]
 @pytest.fixture(scope="module")
 def scenarios(cluster: slurm_cluster.Cluster, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("sweeps")
-    acts = Sweep(cluster, write_sweep(root, "acts", {"checkpoint.keep": [2, 3, 4, 5]}), root / "sweeps" / "acts")
+    # k2 sleeps 0.2 s a step (guard.step_sleep_s, no CPU): it must outlast the wait for slurmctld's next
+    # time-limit check (up to 34 s after its step 3) on an idle machine too; the numbers are the same
+    acts_grid = {"k": {"zip": {"checkpoint.keep": [2, 3, 4, 5], "guard.step_sleep_s": [0.2, 0.0, 0.0, 0.0]}}}
+    acts = Sweep(cluster, write_sweep(root, "acts", acts_grid), root / "sweeps" / "acts")
     four = Sweep(cluster, write_sweep(root, "four", {"optim.lr": [1e-3, 2e-3, 4e-3, 8e-3]}, {"steps": 60},
                                       max_parallel=2), root / "sweeps" / "four")  # fmt: skip
     bad = Sweep(cluster, write_sweep(root, "bad", {"optim.lr": [1e-3]}, {"data.sources": {"/nonexistent.jsonl": 1.0}}),
                 root / "sweeps" / "bad")  # fmt: skip
     two = Sweep(cluster, write_sweep(root, "two", {"optim.lr": [3e-3]}, {"steps": 40}, nodes=2, gpus_per_node=1),
                 root / "sweeps" / "two")  # fmt: skip
+    pre = Sweep(cluster, root / "pre.yaml", root / "sweeps" / "pre")  # written when a node is free (below)
     starts = [(s, s.start_cli()) for s in (acts, four, bad, two)]  # side by side: each imports torch
     for _, proc in starts:
         out = proc.communicate(timeout=120)
         assert proc.returncode == 0 and "submitted array job" in out[0], out
     refs = {
-        "acts": start_reference([sys.executable, TRAIN, f"config={acts.dir}/configs/k2.yaml"], root / "ref_acts"),
+        "acts": start_reference([sys.executable, TRAIN, f"config={acts.dir}/configs/k3.yaml"], root / "ref_acts"),
         "two": start_reference(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
              TRAIN, f"config={two.dir}/configs/lr3e-3.yaml"], root / "ref_two",
@@ -251,7 +259,7 @@ def scenarios(cluster: slurm_cluster.Cluster, tmp_path_factory: pytest.TempPathF
         return {job: out.count(job) for job in set(out)}
 
     driver = Driver(watch=running_per_array)
-    scen = Scenarios(cluster, driver, acts, four, bad, two, refs)
+    scen = Scenarios(cluster, driver, acts, four, bad, two, pre, refs)
 
     def near_tick() -> bool:  # slurmctld checks time limits (and sends warnings) within 4 s
         tick = cluster.next_time_limit_check()
@@ -259,6 +267,22 @@ def scenarios(cluster: slurm_cluster.Cluster, tmp_path_factory: pytest.TempPathF
 
     def job_of(name: str) -> dict[str, str]:
         return cluster.job(acts.task(name))
+
+    def free_node() -> Optional[str]:
+        """A node no job holds or will take, once every scenario but k2's (resumed, 20 s more) has ended."""
+        if not all(acts.states()[k] in ("done", "cancelled") for k in ("k3", "k4", "k5")):
+            return None
+        if any(st in ("queued", "running", "new") for w in (four, bad, two) for st in w.states().values()):
+            return None
+        jobs = [line.split() for line in cluster.run("squeue", "-h", "-o", "%i %T %N", check=False).stdout.splitlines()]
+        if any(j[0] != acts.task("k2") or j[1] != "RUNNING" for j in jobs):
+            return None
+        held = {n for j in jobs for n in slurm_cluster.NODES if n in j[2]}
+        return next(n for n in slurm_cluster.NODES if n not in held)
+
+    def start_pre() -> None:
+        write_sweep(root, "pre", {"checkpoint.keep": [6]}, extra=[f"--nodelist={free_node()}"])
+        pre.cli()
 
     actions = {
         # the time limit: cut to 1 min just before slurmctld's next check, whose warning (signal_s = 30 s)
@@ -272,6 +296,13 @@ def scenarios(cluster: slurm_cluster.Cluster, tmp_path_factory: pytest.TempPathF
         "usr1": Action(lambda: acts.step("k3") >= 3, lambda: cluster.run("scancel", "--signal=USR1", acts.task("k3"))),
         "requeue": Action(lambda: acts.step("k4") >= 55, lambda: cluster.run("scontrol", "requeue", acts.task("k4"))),
         "cancel": Action(lambda: acts.step("k5") >= 3, lambda: cluster.run("scancel", acts.task("k5"))),
+        # preemption: alongside k2's resumed run, on the other node: the urgent job takes all its CPUs
+        # (after k2's requeue: its resumed task may not land on the node given to k6)
+        "pre": Action(lambda: driver.actions["time_limit_reset"].at is not None and free_node() is not None,
+                      start_pre),
+        "preempt": Action(lambda: (pre.dir / "runs" / "k6" / "metrics.jsonl").is_file() and pre.step("k6") >= 3,
+                          lambda: cluster.run("sbatch", "-p", "urgent", "-w", pre.run_node("k6"), "-c",
+                                              str(cluster.cpus), "-t", "1", "-o", "/dev/null", "--wrap", "sleep 1")),
     }  # fmt: skip
     driver.actions.update(actions)
     driver.start()
@@ -372,7 +403,8 @@ def test_scancel_cancels_for_good(scenarios: Scenarios):
     acts = scenarios.acts
     acts.wait_states({"k5": "cancelled"})
     task = acts.task("k5")
-    time.sleep(10)  # longer than the requeue hold (6 s): a requeued task would be back by now
+    cancelled_at = scenarios.driver.done("cancel")
+    time.sleep(max(0.0, cancelled_at + 10 - time.time()))  # > the requeue hold (6 s): a requeued task is back
     assert scenarios.cluster.run("squeue", "-h", "-j", task, check=False).stdout.strip() == ""
     # k5 is the array's last task, whose job id is the array's own: the script must ask about the task
     assert acts.states()["k5"] == "cancelled" and "reason None): not requeued" in acts.task_log("k5")
@@ -394,17 +426,13 @@ def test_two_node_job_equals_two_process_run(scenarios: Scenarios):
 
 
 @pytest.mark.slurm
-def test_preemption_saves_requeues_and_resumes_exactly(scenarios: Scenarios, tmp_path: Path):
+def test_preemption_saves_requeues_and_resumes_exactly(scenarios: Scenarios):
     """A job of the `urgent` partition takes the node: SLURM's preemption (PreemptMode=REQUEUE, GraceTime 30 s)
     sends SIGTERM to the ranks, which save; the task requeues and resumes."""
-    scenarios.acts.wait_states({"k2": "done", "k3": "done", "k4": "done"})  # the node to ourselves
-    cluster = scenarios.cluster
-    pre = Sweep(cluster, write_sweep(tmp_path, "pre", {"checkpoint.keep": [6]}), tmp_path / "sweeps" / "pre")
-    pre.cli()
-    cluster.wait(lambda: pre.step("k6") >= 3, TIMEOUT, "pre: the trainer running")
-    node = cluster.job(pre.task("k6"))["NodeList"]
-    cluster.run("sbatch", "-p", "urgent", "-w", node, "-c", str(cluster.cpus), "-t", "1", "-o", "/dev/null",
-                "--wrap", "sleep 1")  # fmt: skip
+    cluster, pre = scenarios.cluster, scenarios.pre
+    cluster.wait(lambda: scenarios.driver.actions["preempt"].at or scenarios.driver.actions["preempt"].error,
+                 TIMEOUT, "pre: the trainer running and a node of its own")  # fmt: skip
+    scenarios.driver.done("pre"), scenarios.driver.done("preempt")
     pre.wait_states({"k6": "done"})
     assert losses(pre.run("k6").path) == scenarios.reference("acts")
     assert "received SIGTERM" in pre.run("k6").train_log.read_text()
