@@ -134,7 +134,11 @@ def test_no_loadable_checkpoint_is_one_line_and_exit_5(tmp_path, tiny, corrupt_r
 
 @pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_diverging_run_never_checkpoints_its_weights(tmp_path, tiny):
-    dump = tmp_path / "lr1e3"
+    dump, good = tmp_path / "lr1e3", tmp_path / "nan"
+    healthy_start = start_train(
+        [f"dump_dir={good}", *tiny, "log_freq=1", "steps=20", "checkpoint.every=2", "guard.inject_nan_steps=[5,6,7,8]",
+         "guard.max_nonfinite=4"],
+    )  # fmt: skip
     proc = run_train(
         [f"dump_dir={dump}", *tiny, "optim.lr=1e3", "steps=40", "log_freq=1", "checkpoint.every=2"], check=False
     )
@@ -143,12 +147,7 @@ def test_diverging_run_never_checkpoints_its_weights(tmp_path, tiny):
     assert "no checkpoint was written before it" in proc.stderr
     assert list_checkpoints(dump / "checkpoints") == [] and not (dump / "DONE").exists()
     # a healthy start, then divergence: the named last good checkpoint exists and is from before the streak
-    good = tmp_path / "nan"
-    proc = run_train(
-        [f"dump_dir={good}", *tiny, "log_freq=1", "steps=20", "checkpoint.every=2", "guard.inject_nan_steps=[5,6,7,8]",
-         "guard.max_nonfinite=4"],
-        check=False,
-    )  # fmt: skip
+    proc = healthy_start.wait(check=False)
     assert proc.returncode == rundir.EXIT_DIVERGED and "the last good checkpoint is step 4" in proc.stderr
     assert [p.name for p in list_checkpoints(good / "checkpoints")][-1] == f"{4:010d}"
     exit_rec = RunDir(good).read_exit()

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import ROOT, env, losses, probe_reference, read_metrics, run_train, train_cmd
+from conftest import ROOT, env, losses, probe_reference, read_metrics, run_train, start_train, train_cmd
 from lingua_wd.args import ConfigError
 from lingua_wd.checkpoint import list_checkpoints
 from lingua_wd.model import ModelArgs, Transformer
@@ -311,8 +311,9 @@ def muon_runs(tmp_path_factory) -> dict[str, Path]:
               "data.batch_size=8", "data.micro_batch_size=2", "eval_batches=0", "steps=12", "log_freq=1",
               "checkpoint.every=0", *MUON]  # fmt: skip
     runs = {"one": root / "one", "two": root / "two"}
-    run_train([f"dump_dir={runs['one']}", *common])
+    one = start_train([f"dump_dir={runs['one']}", *common])
     run_train([f"dump_dir={runs['two']}", *common], nproc=2)
+    one.wait()
     runs["common"] = common  # type: ignore[assignment]
     return runs
 

@@ -296,14 +296,15 @@ def test_bf16_norms_accumulate_in_fp32(monkeypatch):
 def test_trainer_one_config_line_and_plot(tmp_path, tiny):
     """As a user would: one config line turns the probes on; metrics.jsonl gets them in their own records at
     their own steps, and the training-loss lines (cadence and averages) are those of a run without probes."""
-    from conftest import ROOT, read_metrics, run_train
+    from conftest import ROOT, read_metrics, run_train, start_train
     from lingua_wd.metrics import WALL_CLOCK_KEYS
     from lingua_wd.rundir import probe_records, train_records
 
     common = ["config=configs/debug.yaml", *tiny, "steps=12", "log_freq=4", "eval_freq=0", "checkpoint.every=0"]
     dump, plain = tmp_path / "run", tmp_path / "plain"
+    plain_run = start_train([*common, f"dump_dir={plain}"])
     run_train([*common, f"dump_dir={dump}", "probes.layers=[layers.1.feed_forward.w1]", "probes.every=5"])
-    run_train([*common, f"dump_dir={plain}"])
+    plain_run.wait()
     recs = probe_records(read_metrics(dump))
     assert [r["step"] for r in recs] == [1, 6, 11]  # the trainer's steps 0, 5, 10, logged 1-based
     assert all("loss" not in r for r in recs)
