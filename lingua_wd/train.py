@@ -346,6 +346,7 @@ class Trainer:
         self.start_step = 0  # the step this session started (resumed) at
         self.loop_t0 = time.perf_counter()  # when this session's loop started (ETA, summary)
         self.forced: list[str] = []  # config changes accepted by guard.force_resume
+        self.config_yaml = to_yaml(args)  # saved with every checkpoint; OmegaConf takes ~50 ms to write it
 
     def config_for_resume(self) -> dict:
         return {**to_dict(self.args), "world_size": self.env.world}
@@ -411,7 +412,7 @@ class Trainer:
             self.optimizer,
             state,
             self.args.checkpoint.keep,
-            config=to_yaml(self.args),
+            config=self.config_yaml,
             crash_before_manifest=crash,
             need=need,
         )
