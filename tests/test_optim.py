@@ -230,6 +230,7 @@ WORKER = textwrap.dedent(
 
     main()
     shutdown()  # barrier first: rank 1 must not tear gloo down while rank 0 still trains alone
+    os._exit(0)  # torch 2.13: gloo can still abort in interpreter teardown (std::terminate, 1 run in ~50 under load)
     """
 )
 
