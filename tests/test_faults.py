@@ -463,7 +463,7 @@ SHORT = [
 
 
 @pytest.mark.slow
-@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(bad=bad_overrides(), good=st.lists(st.sampled_from(["model.dim=64", "model.head_dim=32", "data.seq_len=32",
                                                             "steps=3", "optim.lr=1e-3"]), max_size=3))  # fmt: skip
 def test_fuzzed_bad_overrides_only_end_in_exit_2_with_one_line(tmp_path_factory, bad, good):
