@@ -121,14 +121,7 @@ def tiny() -> list[str]:
     return list(TINY)
 
 
-# the longest files first: under `-n 2 --dist loadfile` (.ci/run) neither worker is left with one at the end
-LONGEST_FIRST = ["test_slurm.py", "test_faults.py", "test_train.py", "test_reliability.py", "test_sweep.py",
-                 "test_muon_train.py", "test_resnet_example.py"]  # fmt: skip
-
-
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
