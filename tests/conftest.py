@@ -78,8 +78,9 @@ class Started:
             code = self.proc.wait(max(0.0, self.deadline - time.monotonic()))
         finally:
             self.stop()
-        self.out.seek(0), self.err.seek(0)
-        done = subprocess.CompletedProcess(self.proc.args, code, self.out.read(), self.err.read())
+        with self.out, self.err:
+            self.out.seek(0), self.err.seek(0)
+            done = subprocess.CompletedProcess(self.proc.args, code, self.out.read(), self.err.read())
         if check and code != 0:
             raise AssertionError(f"train exited {code}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
         return done
