@@ -159,7 +159,7 @@ def load_config(
         files, dotlist = split_argv(argv)
         layers = [("config", b if isinstance(b, DictConfig) else OmegaConf.create(b)) for b in base if b is not None]
         layers += [(f, _read_file(f)) for f in files] + [(i.split("=", 1)[0], _read_item(i)) for i in dotlist]
-        cfg = _schema(cls)  # never changed: each merge returns a new config
+        cfg = schema = _schema(cls)  # never changed: each merge returns a new config
         for name, layer in layers:
             if drop_unknown:  # a config saved by another version: renamed keys are read under their new names
                 upgrade_keys(cls, layer)
@@ -168,7 +168,7 @@ def load_config(
                 cfg = OmegaConf.merge(cfg, layer)
             except (TypeError, ValueError) as err:  # e.g. a mapping given where a list is declared
                 raise ConfigError(f"{prefix}{name}: {str(err).splitlines()[0]}") from None
-        return copy.deepcopy(cfg) if cfg is _schema(cls) else cfg
+        return copy.deepcopy(schema) if cfg is schema else cfg  # the caller may change what it gets
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err, prefix)) from None
 

@@ -59,6 +59,21 @@ def train_cmd(argv: list[str], nproc: int = 1) -> list[str]:
     ]
 
 
+def launch(argv: list[str], nproc: int = 1, **kw) -> subprocess.Popen:
+    """A trainer in its own session (os.killpg reaches torchrun and its ranks), stderr piped for the test to read;
+    `environ=` replaces the environment."""
+    return subprocess.Popen(
+        train_cmd(argv, nproc),
+        cwd=ROOT,
+        env=kw.pop("environ", env()),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
+
+
 class Started:
     """A trainer running in the background, its output in files (a full pipe would stall it). The suite
     runs one test at a time and a trainer uses one core: a test starts its reference run first, does its

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, TRAIN, env, free_port, losses, run_train, small_tmpfs, start_train, train_cmd
+from conftest import ROOT, TRAIN, env, free_port, launch, losses, run_train, small_tmpfs, start_train, train_cmd
 from lingua_wd import rundir
 from lingua_wd.checkpoint import MANIFEST, list_checkpoints
 from lingua_wd.metrics import WALL_CLOCK_KEYS
@@ -50,19 +50,6 @@ def flip(path: Path, n: int = 16) -> None:
     for i in range(mid, min(mid + n, len(data))):
         data[i] ^= 0xFF
     path.write_bytes(bytes(data))
-
-
-def launch(argv: list[str], nproc: int = 1, **kw) -> subprocess.Popen:
-    return subprocess.Popen(
-        train_cmd(argv, nproc),
-        cwd=ROOT,
-        env=kw.pop("environ", env()),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        **kw,
-    )
 
 
 def wait_for(cond, proc=None, timeout: float = 120.0) -> None:

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import time
 import warnings
 from dataclasses import replace
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import ROOT, env, losses, probe_reference, read_metrics, run_train, start_train, train_cmd
+from conftest import ROOT, launch, losses, probe_reference, read_metrics, run_train, start_train
 from lingua_wd.args import ConfigError
 from lingua_wd.checkpoint import list_checkpoints
 from lingua_wd.model import ModelArgs, Transformer
@@ -291,11 +290,6 @@ def _probe_records(dump: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k.startswith("probe/") or k == "step"} for r in read_metrics(dump)]
 
 
-def _launch(argv, nproc=1):
-    return subprocess.Popen(train_cmd(argv, nproc), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-
-
 def _wait(cond, proc, timeout=300):
     t0 = time.time()
     while not cond():
@@ -352,7 +346,7 @@ def test_two_gloo_ranks_equal_one_process_through_the_trainer(muon_runs):
 @pytest.mark.slow
 def test_sigterm_on_two_ranks_resumes_bitwise_with_muon(muon_runs, tmp_path):
     dump = tmp_path / "term"
-    proc = _launch([f"dump_dir={dump}", *muon_runs["common"]], nproc=2)
+    proc = launch([f"dump_dir={dump}", *muon_runs["common"]], nproc=2)
     _wait(lambda: (dump / "metrics.jsonl").exists() and max(losses(dump), default=0) >= 4, proc)
     os.killpg(proc.pid, signal.SIGTERM)  # as SLURM does: torchrun and both workers get it
     proc.wait(timeout=120)
@@ -368,7 +362,7 @@ def test_sigterm_on_two_ranks_resumes_bitwise_with_muon(muon_runs, tmp_path):
 def test_kill9_resumes_bitwise_with_muon(muon_runs, tmp_path):
     dump = tmp_path / "killed"
     common = [*muon_runs["common"], "checkpoint.every=2", "checkpoint.keep=2"]
-    proc = _launch([f"dump_dir={dump}", *common])
+    proc = launch([f"dump_dir={dump}", *common])
     _wait(lambda: any(int(p.name) >= 4 for p in list_checkpoints(dump / "checkpoints")), proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, env, losses, read_metrics, run_train, start_train, train_cmd
+from conftest import launch, losses, read_metrics, run_train, start_train
 from lingua_wd.checkpoint import MANIFEST, list_checkpoints
 
 
@@ -42,18 +41,6 @@ def test_two_rank_fsdp_loss_falls(tmp_path, tiny):
     assert len(list((dump / "checkpoints" / f"{40:010d}").glob("rank*.pt"))) == 2
 
 
-def _launch(argv, nproc=1):
-    return subprocess.Popen(
-        train_cmd(argv, nproc),
-        cwd=ROOT,
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
 def _wait_for_checkpoint(root: Path, proc, min_step: int, timeout=180):
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -78,7 +65,7 @@ def test_kill9_and_resume_is_bitwise_identical(tmp_path, tiny):
     ref = tmp_path / "ref"
     ref_run = start_train([f"dump_dir={ref}", *common])
     dump = tmp_path / "killed"
-    proc = _launch([f"dump_dir={dump}", *common])
+    proc = launch([f"dump_dir={dump}", *common])
     _wait_for_checkpoint(dump / "checkpoints", proc, 6)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -96,7 +83,7 @@ def test_sigterm_on_two_ranks_saves_and_resumes_exactly(tmp_path, tiny):
     ref = tmp_path / "ref"
     run_train([f"dump_dir={ref}", *common], nproc=2)
     dump = tmp_path / "term"
-    proc = _launch([f"dump_dir={dump}", *common], nproc=2)
+    proc = launch([f"dump_dir={dump}", *common], nproc=2)
     _wait_for_step(dump, proc, 5)
     os.killpg(proc.pid, signal.SIGTERM)  # as SLURM does: torchrun and both workers get it
     proc.wait(timeout=120)  # torchrun itself exits non-zero on SIGTERM; the workers exit 75 after saving
@@ -109,7 +96,7 @@ def test_sigterm_on_two_ranks_saves_and_resumes_exactly(tmp_path, tiny):
 @pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_sigterm_single_process_exits_75(tmp_path, tiny):
     dump = tmp_path / "one"
-    proc = _launch([f"dump_dir={dump}", *tiny, "steps=2000", "log_freq=1", "checkpoint.every=0", "eval_freq=0"])
+    proc = launch([f"dump_dir={dump}", *tiny, "steps=2000", "log_freq=1", "checkpoint.every=0", "eval_freq=0"])
     _wait_for_step(dump, proc, 3)
     os.killpg(proc.pid, signal.SIGUSR1)
     assert proc.wait(timeout=120) == 75
@@ -177,7 +164,7 @@ def test_console_progress_eta_and_end_summary(tmp_path, tiny):
 
     dump = tmp_path / "run"
     common = [f"dump_dir={dump}", *tiny, "steps=16", "log_freq=2", "eval_freq=0", "checkpoint.every=0"]
-    proc = _launch(common)
+    proc = launch(common)
     _wait_for_step(dump, proc, 4)
     os.killpg(proc.pid, signal.SIGUSR1)  # saves a checkpoint, exits 75
     assert proc.wait(timeout=120) == 75
