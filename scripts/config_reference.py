@@ -7,6 +7,7 @@ refreshes the table between the markers in README.md; tests/test_docs.py fails w
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -31,8 +32,14 @@ def render(text: str) -> str:
     return f"{head}{START}\n{table()}\n{END}{tail}"
 
 
-if __name__ == "__main__":
-    if "--write" in sys.argv:
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Print the config reference table (every trainer key, default, meaning).")
+    ap.add_argument("--write", action="store_true", help="refresh the table between the markers in README.md")
+    if ap.parse_args().write:
         README.write_text(render(README.read_text()))
     else:
         print(table())
+
+
+if __name__ == "__main__":
+    main()
