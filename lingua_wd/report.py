@@ -293,6 +293,12 @@ def _line_label(ln: ts.LineOptimum, args: ReportArgs, d0: float) -> str:
 
 
 def plot_transfer(panels: dict[str, ts.Panel], args: ReportArgs, d0: float, ylabel: str, path: Path) -> None:
+    fig = transfer_figure(panels, args, d0, ylabel)
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+
+
+def transfer_figure(panels: dict[str, ts.Panel], args: ReportArgs, d0: float, ylabel: str) -> Any:
     """Figure 1 of the paper: loss vs base LR, a panel per rule, a line per width (mean +- seed std), the fitted
     optimum starred with its +-1 sigma, an optimum at the grid edge as a triangle, diverged points as x."""
     plt = _plt()
@@ -313,7 +319,8 @@ def plot_transfer(panels: dict[str, ts.Panel], args: ReportArgs, d0: float, ylab
         ax.set_ylabel(ylabel)
         ax.tick_params(labelleft=True)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="upper center")
+        # below the axes: inside, a legend of many widths covered points
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
         if lim:
             ax.set_ylim(*lim)
     note = (
@@ -324,8 +331,7 @@ def plot_transfer(panels: dict[str, ts.Panel], args: ReportArgs, d0: float, ylab
     note = textwrap.fill(note, int(17 * width))
     fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=7)
     fig.tight_layout(rect=(0, 0.03 * (note.count("\n") + 1), 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def _draw_line(ax: Any, ln: ts.LineOptimum, style: tuple, lim: Optional[tuple], label: str) -> None:
@@ -362,6 +368,12 @@ def _draw_line(ax: Any, ln: ts.LineOptimum, style: tuple, lim: Optional[tuple], 
 
 
 def plot_shift(panels: dict[str, ts.Panel], args: ReportArgs, path: Path) -> None:
+    fig = shift_figure(panels, args)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _plt().close(fig)
+
+
+def shift_figure(panels: dict[str, ts.Panel], args: ReportArgs) -> Any:
     """eta* against m (log-log) per rule with +-1 sigma bars and the fitted slope where a verdict is given.
     Series are offset sideways by a few percent and drawn with their own marker and line style, so rules
     with identical optima (all rules coincide at m = 1) stay visible."""
@@ -407,11 +419,10 @@ def plot_shift(panels: dict[str, ts.Panel], args: ReportArgs, path: Path) -> Non
         fontsize=8,
     )
     ax.grid(alpha=0.3, which="both")
-    if drawn:
-        ax.legend(fontsize=7)
+    if drawn:  # below the axes: the labels carry the verdicts and are long; inside, "best" covered a point
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def plot_alignment(records: list[dict], name: str, path: Path) -> bool:

@@ -673,6 +673,36 @@ def test_group_runs_averages_seeds_and_keeps_the_missing():
         rep.group_runs([rep.RunResult("h", "done", {**v(1e-3, 0), "model.dim": "wide"})], args, [], "train")
 
 
+def test_report_plot_legends_cover_no_point():
+    """The case seen on a half-finished cpu_small sweep: a rule's optimum at the top edge of the grid (an open ^
+    at the highest LR) lay under the shift plot's legend, whose labels carry the verdicts. In both report plots
+    every drawn point now stays clear of every legend, and each legend lists what its axes draw."""
+    lrs = [0.004, 0.008, 0.016, 0.032]
+
+    def line(losses):
+        return {lr: [ts.Outcome("done", y)] if y is not None else [ts.Outcome("incomplete")] for lr, y in zip(lrs, losses, strict=True)}  # fmt: skip
+
+    bowl = line([3.36, 3.19, 3.10, 3.14])
+    panels = {
+        "mup/independent": ts.analyse_panel({32: bowl, 64: line([3.19, 3.01, 2.92, 2.90]), 128: line([None] * 4)}),
+        "sp/standard": ts.analyse_panel({32: bowl, 64: line([3.03, 2.93, 2.90, 2.98]), 128: line([2.95, 2.92, 8.0, 3.3])}),
+    }  # fmt: skip
+    assert panels["mup/independent"].lines[1].edge == "high"  # sp's d128 has a point far above: an open ^ at the top
+    args = sw.ReportArgs()
+    shift, transfer = rep.shift_figure(panels, args), rep.transfer_figure(panels, args, 32.0, "final train loss")
+    for fig in (shift, transfer):
+        fig.set_dpi(120)  # as the report saves them: a legend placed "best" moves with the dpi
+        fig.canvas.draw()
+        boxes = [ax.get_legend().get_window_extent() for ax in fig.axes]
+        points = [ax.transData.transform(xy) for ax in fig.axes for ln in ax.lines for xy in ln.get_xydata()]
+        assert len(points) >= 4 and not [p for p in points for box in boxes if box.contains(*p)]
+        rep._plt().close(fig)
+    assert [t.get_text().split(":")[0] for t in shift.axes[0].get_legend().get_texts()] == list(panels)
+    labels = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in transfer.axes]
+    assert labels == [["dim=32 (m=1)", "dim=64 (m=2)", "dim=128 (m=4), incomplete: 4 missing"],
+                      ["dim=32 (m=1)", "dim=64 (m=2)", "dim=128 (m=4)"]]  # fmt: skip
+
+
 @pytest.mark.slow  # a trainer process or several: see README, Tests
 def test_report_on_fake_sweep(tmp_path: Path, fake_repo: Path, fake_env: Path, monkeypatch: pytest.MonkeyPatch):
     """Known optima: lr* = 1e-2 m^-1 for standard, 1e-2 for independent. With one standard run unfinished the
