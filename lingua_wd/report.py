@@ -258,6 +258,7 @@ def _colors(n: int) -> list:
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
+DPI = 120  # the saved figures' resolution (a legend placed "best" moves with it)
 LINESTYLES = ("-", "--", "-.", ":")
 
 
@@ -294,7 +295,7 @@ def _line_label(ln: ts.LineOptimum, args: ReportArgs, d0: float) -> str:
 
 def plot_transfer(panels: dict[str, ts.Panel], args: ReportArgs, d0: float, ylabel: str, path: Path) -> None:
     fig = transfer_figure(panels, args, d0, ylabel)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=DPI)
     _plt().close(fig)
 
 
@@ -369,7 +370,7 @@ def _draw_line(ax: Any, ln: ts.LineOptimum, style: tuple, lim: Optional[tuple], 
 
 def plot_shift(panels: dict[str, ts.Panel], args: ReportArgs, path: Path) -> None:
     fig = shift_figure(panels, args)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     _plt().close(fig)
 
 
@@ -471,7 +472,7 @@ def plot_alignment(records: list[dict], name: str, path: Path) -> bool:
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, len(handles)), fontsize=8)
     fig.suptitle(f"{name}: probe metrics per layer", fontsize=10)
     fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(handles) // 4), 1, 1))
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return True
 

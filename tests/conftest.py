@@ -80,9 +80,8 @@ def launch(argv: list[str], nproc: int = 1, **kw) -> subprocess.Popen:
 
 
 class Started:
-    """A trainer running in the background, its output in files (a full pipe would stall it). The suite
-    runs one test at a time and a trainer uses one core: a test starts its reference run first, does its
-    own work on the other core, then `wait()`s for the reference."""
+    """A trainer running in the background, its output in files (a full pipe would stall it). A trainer uses
+    one core: a test starts its reference run first, does its own work meanwhile, then `wait()`s for it."""
 
     running: list[Started] = []  # stopped after each test (autouse fixture below), should a test fail early
 

@@ -691,7 +691,7 @@ def test_report_plot_legends_cover_no_point():
     args = sw.ReportArgs()
     shift, transfer = rep.shift_figure(panels, args), rep.transfer_figure(panels, args, 32.0, "final train loss")
     for fig in (shift, transfer):
-        fig.set_dpi(120)  # as the report saves them: a legend placed "best" moves with the dpi
+        fig.set_dpi(rep.DPI)  # as the report saves them
         fig.canvas.draw()
         boxes = [ax.get_legend().get_window_extent() for ax in fig.axes]
         points = [ax.transData.transform(xy) for ax in fig.axes for ln in ax.lines for xy in ln.get_xydata()]
